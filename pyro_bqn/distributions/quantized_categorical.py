@@ -1,0 +1,166 @@
+"""A categorical distribution over the values of a level set."""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions import Categorical, TorchDistribution, constraints
+from torch.distributions.utils import lazy_property
+
+from pyro_bqn.distributions.relaxed_value import soft_onehot_of
+from pyro_bqn.levels import LevelSet, check_levels
+
+__all__ = ["QuantizedCategorical", "LevelSupport", "resolve_levels"]
+
+
+class LevelSupport(constraints.Constraint):
+    """The finite set of values ``{v_1, ..., v_K}`` (a discrete constraint)."""
+
+    is_discrete = True
+    event_dim = 0
+
+    def __init__(self, levels: torch.Tensor) -> None:
+        self.levels = levels
+        super().__init__()
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        return (value.unsqueeze(-1) == self.levels).any(-1)
+
+    def __repr__(self) -> str:
+        return f"LevelSupport({self.levels.tolist()})"
+
+
+def resolve_levels(levels: LevelSet | torch.Tensor) -> tuple[torch.Tensor, LevelSet | None]:
+    """Return ``(values, level_set)`` for a :class:`LevelSet` or a ``(K,)`` tensor."""
+    if isinstance(levels, LevelSet):
+        return levels.values, levels
+    return check_levels(torch.as_tensor(levels, dtype=torch.get_default_dtype())), None
+
+
+class QuantizedCategorical(TorchDistribution):
+    r"""A categorical distribution whose outcomes are the values of a level set.
+
+    ``P(w = v_k) = p_k`` with ``p = softmax(logits)`` (or ``probs``).
+
+    :param levels: a :class:`~pyro_bqn.levels.LevelSet` or a strictly increasing tensor of
+        shape ``(K,)``. A learnable level set is read once, at construction.
+    :param logits: unnormalised log-probabilities, shape ``batch_shape + (K,)``.
+    :param probs: probabilities summing to one, shape ``batch_shape + (K,)``.
+
+    ``batch_shape = logits.shape[:-1]``, ``event_shape = ()``; samples are level values with
+    the dtype of ``levels``.
+    """
+
+    arg_constraints = {"logits": constraints.real_vector, "probs": constraints.simplex}
+    has_enumerate_support = True
+
+    def __init__(
+        self,
+        levels: LevelSet | torch.Tensor,
+        logits: torch.Tensor | None = None,
+        probs: torch.Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        self.levels, self.level_set = resolve_levels(levels)
+        if (logits is None) == (probs is None):
+            raise ValueError("QuantizedCategorical needs exactly one of logits or probs")
+        params = logits if logits is not None else probs
+        name = "logits" if logits is not None else "probs"
+        if params.dim() < 1 or params.shape[-1] != self.levels.shape[0]:
+            raise ValueError(
+                f"{name} must have last dimension K={self.levels.shape[0]} (one entry per "
+                f"level), got shape {tuple(params.shape)}"
+            )
+        self._categorical = Categorical(logits=logits, probs=probs, validate_args=validate_args)
+        super().__init__(self._categorical.batch_shape, validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=True, event_dim=0)
+    def support(self) -> LevelSupport:
+        return LevelSupport(self.levels)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Normalised log-probabilities, shape ``batch_shape + (K,)``."""
+        return self._categorical.logits
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Probabilities, shape ``batch_shape + (K,)``."""
+        return self._categorical.probs
+
+    @property
+    def num_levels(self) -> int:
+        return self.levels.shape[0]
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(QuantizedCategorical, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.levels = self.levels
+        new.level_set = self.level_set
+        new._categorical = self._categorical.expand(batch_shape)
+        super(QuantizedCategorical, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def index_of(self, value: torch.Tensor) -> torch.Tensor:
+        """Level indices (``long``) of level values; same shape as ``value``.
+
+        :raises ValueError: if an entry of ``value`` is not one of the levels.
+        """
+        matches = value.detach().unsqueeze(-1) == self.levels
+        if not matches.any(-1).all():
+            bad = value[~matches.any(-1)].flatten()[:5].tolist()
+            raise ValueError(f"value holds entries that are not levels {self.levels.tolist()}: {bad}")
+        return matches.to(torch.long).argmax(-1)
+
+    def value_of(self, index: torch.Tensor) -> torch.Tensor:
+        """Level values of level indices; same shape as ``index``."""
+        return self.levels[index]
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self.levels[self._categorical.sample(sample_shape)]
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """``log p_k`` at ``value = v_k``; shape ``broadcast(value.shape, batch_shape)``.
+
+        A relaxed value (see :class:`~pyro_bqn.distributions.RelaxedLevelValue`) with soft
+        one-hot ``y`` gets ``sum_k y_k log p_k``.
+        """
+        soft = soft_onehot_of(value)
+        if soft is not None:
+            return (soft * self.logits).sum(-1)
+        if self._validate_args:
+            self._validate_sample(value)
+        index = self.index_of(value)
+        logits = self.logits
+        index, logits = torch.broadcast_tensors(index.unsqueeze(-1), logits)
+        return logits.gather(-1, index[..., :1]).squeeze(-1)
+
+    def enumerate_support(self, expand: bool = True) -> torch.Tensor:
+        """The levels, shape ``(K,) + batch_shape`` (``(K,) + (1,) * len(batch_shape)``
+        when ``expand=False``)."""
+        values = self.levels.reshape((-1,) + (1,) * len(self.batch_shape))
+        return values.expand((-1,) + self.batch_shape) if expand else values
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``E[w] = sum_k p_k v_k``, shape ``batch_shape``."""
+        return self.probs @ self.levels
+
+    @lazy_property
+    def second_moment(self) -> torch.Tensor:
+        """``E[w^2] = sum_k p_k v_k^2``, shape ``batch_shape``."""
+        return self.probs @ self.levels.square()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """``Var[w] = sum_k p_k (v_k - E[w])^2`` in centred form (never negative)."""
+        centred = self.levels - self.mean.unsqueeze(-1)
+        return (self.probs * centred.square()).sum(-1)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        """The most probable level, shape ``batch_shape``."""
+        return self.levels[self.probs.argmax(-1)]
+
+    def entropy(self) -> torch.Tensor:
+        return self._categorical.entropy()

@@ -1,0 +1,1 @@
+"""Inference: the sampling-free ELBO, the quantized autoguide and predictive helpers."""

@@ -1,0 +1,1 @@
+"""Moment-aware neural-network layers."""
