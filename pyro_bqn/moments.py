@@ -136,11 +136,15 @@ class SiteMoments(torch.Tensor):
         )
 
     def __reduce_ex__(self, protocol):
-        raise MomentRuleError("SiteMoments is a transient value of DeterministicELBO; "
-                              "it cannot be pickled or deep-copied")
+        raise MomentRuleError(
+            "SiteMoments is a transient value of DeterministicELBO; "
+            "it cannot be pickled or deep-copied"
+        )
 
 
-def split_moments(x: torch.Tensor | Moments | SiteMoments) -> tuple[torch.Tensor, torch.Tensor | None]:
+def split_moments(
+    x: torch.Tensor | Moments | SiteMoments,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return ``(mean, var)`` of ``x``; ``var`` is ``None`` for a fixed tensor."""
     if isinstance(x, SiteMoments):
         return x.moments.mean, x.moments.var

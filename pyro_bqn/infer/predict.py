@@ -1,0 +1,79 @@
+"""Sampling-free prediction from a model and its quantized guide."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from pyro import poutine
+from pyro.distributions import TorchDistribution
+
+from pyro_bqn.infer.moment_messenger import MomentMessenger
+from pyro_bqn.moments import Moments
+
+__all__ = ["predict", "predictive_distribution"]
+
+
+@contextmanager
+def _eval_mode(model):
+    """Evaluation mode (batch norm on running statistics) for the duration, then restore."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _observed_site_name(trace: poutine.Trace, site: str | None) -> str:
+    candidates = [
+        name
+        for name, node in trace.nodes.items()
+        if node["type"] == "sample" and hasattr(node["fn"], "expected_log_prob")
+    ]
+    if site is not None:
+        if site not in trace.nodes:
+            raise ValueError(f"site '{site}' is not in the model; its sites: {list(trace.nodes)}")
+        return site
+    if len(candidates) != 1:
+        raise ValueError(
+            "could not tell which site is the prediction target; pass site=<name> "
+            f"(moment-aware likelihood sites found: {candidates})"
+        )
+    return candidates[0]
+
+
+@torch.no_grad()
+def predictive_distribution(
+    model, guide, *args, site: str | None = None, **kwargs
+) -> TorchDistribution:
+    """The observed site's distribution when the guide's moments (not samples) are
+    propagated through ``model`` in evaluation mode.
+
+    :param site: name of the observed site; default: the only site with a moment-aware
+        likelihood (:class:`~pyro_bqn.distributions.MomentCategorical`, ...).
+    """
+    with _eval_mode(model), poutine.block():
+        guide_trace = poutine.trace(MomentMessenger()(guide)).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    return model_trace.nodes[_observed_site_name(model_trace, site)]["fn"]
+
+
+def predict(model, guide, *args, site: str | None = None, **kwargs) -> torch.Tensor | Moments:
+    """Sampling-free predictive of ``model`` under ``guide`` for the inputs ``*args``.
+
+    :return: class probabilities ``(N, C)`` for a
+        :class:`~pyro_bqn.distributions.MomentCategorical` site, ``P(y = 1)`` ``(N,)`` for a
+        :class:`~pyro_bqn.distributions.MomentBernoulli` site, and the predictive
+        :class:`~pyro_bqn.Moments` (mean, variance including the noise) for a
+        :class:`~pyro_bqn.distributions.MomentNormal` site.
+    """
+    fn = predictive_distribution(model, guide, *args, site=site, **kwargs)
+    if hasattr(fn, "probs"):
+        return fn.probs
+    return Moments(fn.mean, fn.variance)
