@@ -30,8 +30,12 @@ _HINT = (
 )
 
 
-class MomentRuleError(TypeError):
-    """Raised when a mean/variance pair reaches an operation with no analytic rule."""
+class MomentRuleError(NotImplementedError):
+    """Raised when a mean/variance pair reaches an operation with no analytic rule.
+
+    Not a ``TypeError``: torch turns those into ``NotImplemented`` inside arithmetic
+    operators, which would replace this message with a generic one.
+    """
 
 
 def _op_name(func: Any) -> str:
@@ -85,6 +89,12 @@ class Moments:
 
     def __repr__(self) -> str:
         return f"Moments(shape={tuple(self.shape)})"
+
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for names Moments lacks; a tensor method there means tensor code.
+        if not name.startswith("_") and hasattr(torch.Tensor, name):
+            raise MomentRuleError(f"Moments has no tensor method .{name}(). {_HINT}")
+        raise AttributeError(f"'Moments' object has no attribute '{name}'")
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

@@ -24,9 +24,26 @@ __all__ = ["MomentCategorical", "MomentBernoulli", "MomentNormal", "expected_log
 
 
 def _probit_scaled(mean: torch.Tensor, var: torch.Tensor | None) -> torch.Tensor:
-    """``mu / sqrt(1 + pi sigma^2 / 8)``: the probit approximation of ``E[sigmoid(z)]``,
-    applied per logit for the softmax (MacKay 1992)."""
+    """``mu / sqrt(1 + pi sigma^2 / 8)``: ``E[sigmoid(z)] ~= sigmoid`` of this (MacKay 1992)."""
     return mean if var is None else mean * torch.rsqrt(1 + (math.pi / 8) * var)
+
+
+def _mean_field_softmax(mean: torch.Tensor, var: torch.Tensor | None) -> torch.Tensor:
+    r"""``E[softmax(z)]`` for independent Gaussian logits, by the pairwise mean-field rule
+    (Lu, Ie & Sha 2020), renormalised to sum to one:
+
+    .. math::
+        p_k \propto \Big(\sum_j \exp\big(-(\mu_k - \mu_j) /
+              \sqrt{1 + \tfrac{\pi}{8}(\sigma_k^2 + \sigma_j^2)}\big)\Big)^{-1}
+
+    For two classes it is the probit approximation of the sigmoid. Shapes ``(..., C)``.
+    """
+    if var is None:
+        return mean.softmax(-1)
+    gaps = mean.unsqueeze(-1) - mean.unsqueeze(-2)
+    spread = var.unsqueeze(-1) + var.unsqueeze(-2)
+    log_p = -torch.logsumexp(-gaps * torch.rsqrt(1 + (math.pi / 8) * spread), dim=-1)
+    return log_p.softmax(-1)
 
 
 def _categorical_expected_log_prob(
@@ -43,7 +60,8 @@ class MomentCategorical(TorchDistribution):
 
     * ``expected_log_prob(y) = mu_y - log sum_k exp(mu_k + sigma_k^2/2)``, a lower bound of
       ``E[log softmax(z)_y]`` (Jensen), exact for tensor logits;
-    * predictive ``probs = softmax(mu / sqrt(1 + pi sigma^2 / 8))`` (probit approximation).
+    * predictive ``probs ~= E[softmax(z)]`` by the pairwise mean-field rule (Lu et al. 2020),
+      which reduces to the probit approximation for two classes.
 
     :param logits: tensor or :class:`~pyro_bqn.Moments` of shape ``batch_shape + (C,)``.
 
@@ -59,7 +77,7 @@ class MomentCategorical(TorchDistribution):
             raise ValueError("logits must have at least one dimension (the classes)")
         if not torch.isfinite(self.logit_mean).all():
             raise ValueError("logits must be finite (found NaN or inf in their mean)")
-        self._predictive = Categorical(logits=_probit_scaled(self.logit_mean, self.logit_var))
+        self._predictive = Categorical(probs=_mean_field_softmax(self.logit_mean, self.logit_var))
         super().__init__(self.logit_mean.shape[:-1], validate_args=validate_args)
 
     @constraints.dependent_property(is_discrete=True, event_dim=0)

@@ -173,10 +173,18 @@ class AutoQuantizedGuide(AutoGuide):
             logits = attrgetter(name)(self.logits)
             base = cls(self._level_values(name), self.temperature, logits=logits)
         else:
-            base = self._exact_posterior(name)
+            base = self.exact_posterior(name)
         return base.to_event(self._event_dims[name])
 
-    def _exact_posterior(self, name: str) -> dist.TorchDistribution:
+    @property
+    def quantized_sites(self) -> list[str]:
+        """Names of the sites with a categorical posterior over levels, in model order."""
+        return list(self._levels)
+
+    def exact_posterior(self, name: str) -> dist.TorchDistribution:
+        """The exact (never relaxed) posterior of site ``name``, without its event dims:
+        a :class:`~pyro_bqn.distributions.QuantizedCategorical` with batch shape equal to
+        the weight's shape, or a ``Normal`` for a continuous site."""
         if name in self._levels:
             logits = attrgetter(name)(self.logits)
             return QuantizedCategorical(self._level_values(name), logits=logits)
@@ -203,6 +211,6 @@ class AutoQuantizedGuide(AutoGuide):
             self._setup_prototype(*args, **kwargs)
         result: dict[str, Any] = {}
         for name in self._event_dims:
-            posterior = self._exact_posterior(name)
+            posterior = self.exact_posterior(name)
             result[name] = posterior.mode if name in self._levels else posterior.mean
         return result

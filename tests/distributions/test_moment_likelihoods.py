@@ -1,0 +1,123 @@
+import math
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_bqn.distributions.moment_likelihoods import (
+    MomentBernoulli,
+    MomentCategorical,
+    MomentNormal,
+    expected_log_prob,
+)
+from pyro_bqn.moments import MomentRuleError, Moments
+
+NUM_SAMPLES = 200_000
+
+
+def _gaussian_logits(shape, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mean = 2 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    var = 2 * torch.rand(shape, generator=gen, dtype=torch.float64)
+    z = mean + var.sqrt() * torch.randn((NUM_SAMPLES,) + shape, generator=gen, dtype=torch.float64)
+    return Moments(mean, var), z
+
+
+def _mc_bound(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample mean and 5 standard errors."""
+    return samples.mean(0), 5 * samples.std(0) / math.sqrt(samples.shape[0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_categorical_expected_log_prob_is_a_lower_bound(seed):
+    logits, z = _gaussian_logits((4, 5), seed)
+    y = torch.arange(4)
+    bound = MomentCategorical(logits=logits).expected_log_prob(y)
+    mc, tol = _mc_bound(z.log_softmax(-1).gather(-1, y.expand(NUM_SAMPLES, 4)[..., None])[..., 0])
+    assert (bound <= mc + tol).all()
+
+
+def test_categorical_with_tensor_logits_is_exact():
+    logits = torch.randn(3, 4)
+    y = torch.tensor([0, 3, 1])
+    d = MomentCategorical(logits=logits)
+    expected = dist.Categorical(logits=logits).log_prob(y)
+    torch.testing.assert_close(d.expected_log_prob(y), expected)
+    torch.testing.assert_close(d.log_prob(y), expected)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_categorical_predictive_is_close_to_monte_carlo(seed):
+    # The mean-field approximation is not exact; measured errors stay below 0.08 here.
+    logits, z = _gaussian_logits((6, 4), seed)
+    mc = z.softmax(-1).mean(0)
+    probs = MomentCategorical(logits=logits).probs
+    torch.testing.assert_close(probs.sum(-1), torch.ones(6, dtype=torch.float64))
+    assert (probs - mc).abs().max() < 0.1
+
+
+def test_bernoulli_is_the_two_class_categorical():
+    logits = Moments(torch.randn(5), torch.rand(5))
+    y = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
+    two_class = Moments(
+        torch.stack([torch.zeros(5), logits.mean], -1),
+        torch.stack([torch.zeros(5), logits.var], -1),
+    )
+    expected = MomentCategorical(logits=two_class).expected_log_prob(y.long())
+    torch.testing.assert_close(MomentBernoulli(logits=logits).expected_log_prob(y), expected)
+    torch.testing.assert_close(
+        MomentBernoulli(logits=logits).probs, MomentCategorical(logits=two_class).probs[:, 1]
+    )
+
+
+def test_bernoulli_with_tensor_logits_is_exact():
+    logits, y = torch.randn(6), torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    expected = dist.Bernoulli(logits=logits).log_prob(y)
+    torch.testing.assert_close(MomentBernoulli(logits=logits).log_prob(y), expected)
+    torch.testing.assert_close(MomentBernoulli(logits=logits).expected_log_prob(y), expected)
+
+
+def test_normal_expected_log_prob_is_exact():
+    loc, z = _gaussian_logits((5,), 0)
+    y = torch.randn(5, dtype=torch.float64)
+    d = MomentNormal(loc, 0.7)
+    mc, tol = _mc_bound(dist.Normal(z, 0.7).log_prob(y))
+    assert ((d.expected_log_prob(y) - mc).abs() <= tol).all()
+    torch.testing.assert_close(d.variance, loc.var + 0.49)
+    torch.testing.assert_close(
+        d.log_prob(y), dist.Normal(loc.mean, (loc.var + 0.49).sqrt()).log_prob(y)
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: MomentCategorical(logits=Moments(torch.randn(3, 4), torch.rand(3, 4))),
+        lambda: MomentBernoulli(logits=Moments(torch.randn(3), torch.rand(3))),
+        lambda: MomentNormal(Moments(torch.randn(3), torch.rand(3)), 1.0),
+    ],
+)
+def test_expand_keeps_the_class_and_sampling_works(make):
+    d = make()
+    expanded = d.expand((2, 3))
+    assert type(expanded) is type(d)
+    assert expanded.batch_shape == (2, 3)
+    value = expanded.sample()
+    assert value.shape == (2, 3)
+    assert expected_log_prob(expanded, value).shape == (2, 3)
+    assert expected_log_prob(expanded.to_event(1), value).shape == (2,)
+
+
+def test_plain_categorical_receiving_moments_points_to_the_right_class():
+    with pytest.raises(MomentRuleError, match="MomentCategorical"):
+        dist.Categorical(logits=Moments(torch.randn(3, 4), torch.rand(3, 4)))
+
+
+def test_bad_inputs_are_reported():
+    with pytest.raises(ValueError, match="logits must be finite"):
+        MomentCategorical(logits=torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="scale"):
+        MomentNormal(torch.zeros(2), -1.0, validate_args=True)
+    d = MomentCategorical(logits=torch.zeros(2, 3), validate_args=True)
+    with pytest.raises(ValueError, match="support"):
+        d.expected_log_prob(torch.tensor([0, 5]))

@@ -1,0 +1,148 @@
+import pyro
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyro_bqn.distributions import QuantizedCategorical
+from pyro_bqn.levels import binary, ternary, uniform
+from pyro_bqn.moments import Moments, SiteMoments
+from pyro_bqn.nn.quantized_conv import QuantizedConv2d
+from pyro_bqn.nn.quantized_layer import propagate
+from pyro_bqn.nn.quantized_linear import QuantizedLinear
+from tests.mc import assert_mean_var_match
+
+LEVEL_SETS = {"binary": binary, "ternary": ternary, "2bit": lambda: uniform(2)}
+NUM_SAMPLES = 10_000
+
+
+def _weight_posterior(levels, shape, generator):
+    logits = torch.randn(*shape, levels.num_levels, generator=generator, dtype=torch.float64)
+    return QuantizedCategorical(levels.values.double(), logits=logits)
+
+
+def _check_against_mc(op, x_shape, w_shape, levels, input_random, seed, sampled_op=None):
+    """``sampled_op(xs, ws)`` applies ``op`` to a leading sample dimension at once."""
+    gen = torch.Generator().manual_seed(seed)
+    q = _weight_posterior(levels, w_shape, gen)
+    x_mean = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    x_var = torch.rand(x_shape, generator=gen, dtype=torch.float64) if input_random else None
+    x = Moments(x_mean, x_var) if input_random else x_mean
+    out = propagate(op, x, SiteMoments(q.mean, q.variance))
+
+    torch.manual_seed(seed)
+    w = q.sample((NUM_SAMPLES,))
+    xs = x_mean.expand((NUM_SAMPLES,) + x_shape)
+    if input_random:
+        xs = xs + x_var.sqrt() * torch.randn_like(xs)
+    if sampled_op is None:
+        samples = torch.stack([op(xi, wi) for xi, wi in zip(xs, w, strict=True)])
+    else:
+        samples = sampled_op(xs, w)
+    assert_mean_var_match(samples, out.mean, out.var)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    fan_in=st.integers(1, 6),
+    fan_out=st.integers(1, 4),
+    levels=st.sampled_from(sorted(LEVEL_SETS)),
+    input_random=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_moments_match_monte_carlo(batch, fan_in, fan_out, levels, input_random, seed):
+    _check_against_mc(
+        F.linear,
+        (batch, fan_in),
+        (fan_out, fan_in),
+        LEVEL_SETS[levels](),
+        input_random,
+        seed,
+        sampled_op=lambda xs, ws: torch.einsum("sbi,soi->sbo", xs, ws),
+    )
+
+
+@settings(max_examples=4, deadline=None)
+@given(
+    channels=st.integers(1, 2),
+    kernel=st.integers(1, 2),
+    levels=st.sampled_from(sorted(LEVEL_SETS)),
+    input_random=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_moments_match_monte_carlo(channels, kernel, levels, input_random, seed):
+    _check_against_mc(
+        lambda x, w: F.conv2d(x, w, padding=1),
+        (1, channels, 3, 3),
+        (2, channels, kernel, kernel),
+        LEVEL_SETS[levels](),
+        input_random,
+        seed,
+    )
+
+
+def test_fixed_input_and_weights_give_a_plain_tensor():
+    x, w = torch.randn(4, 3), torch.randn(2, 3)
+    out = propagate(F.linear, x, w)
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, F.linear(x, w))
+
+
+def test_fixed_weights_propagate_input_variance():
+    x, w = Moments(torch.randn(4, 3), torch.rand(4, 3)), torch.randn(2, 3)
+    out = propagate(F.linear, x, w)
+    torch.testing.assert_close(out.mean, F.linear(x.mean, w))
+    torch.testing.assert_close(out.var, F.linear(x.var, w.square()))
+
+
+def test_linear_layer_is_ordinary_under_fixed_weights():
+    pyro.set_rng_seed(0)
+    layer = QuantizedLinear(3, 2)
+    weight, bias = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]]), torch.tensor([0.5, -0.5])
+    x = torch.randn(5, 3)
+    out = pyro.poutine.condition(layer, data={"weight": weight, "bias": bias})(x)
+    torch.testing.assert_close(out, F.linear(x, weight, bias))
+
+
+def test_conv_layer_is_ordinary_under_fixed_weights():
+    layer = QuantizedConv2d(2, 3, 3, padding=1, bias=False)
+    weight = ternary().values[torch.randint(0, 3, (3, 2, 3, 3))]
+    x = torch.randn(1, 2, 5, 5)
+    out = pyro.poutine.condition(layer, data={"weight": weight})(x)
+    torch.testing.assert_close(out, F.conv2d(x, weight, padding=1))
+
+
+def test_layer_samples_weights_on_the_levels():
+    layer = QuantizedLinear(4, 3, levels=uniform(2))
+    trace = pyro.poutine.trace(layer).get_trace(torch.randn(2, 4))
+    weight = trace.nodes["weight"]["value"]
+    assert weight.shape == (3, 4)
+    assert torch.isin(weight, uniform(2).values).all()
+
+
+def test_prior_levels_must_match_layer_levels():
+    prior = QuantizedCategorical(binary(), probs=torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="prior levels .* differ from the layer's levels"):
+        QuantizedLinear(3, 2, levels=ternary(), prior=prior)
+
+
+def test_prior_levels_are_used_when_levels_are_omitted():
+    prior = QuantizedCategorical(binary(), probs=torch.tensor([0.3, 0.7]))
+    layer = QuantizedLinear(3, 2, prior=prior)
+    assert torch.equal(layer.levels.values, binary().values)
+
+
+def test_prior_must_be_over_levels():
+    with pytest.raises(ValueError, match="distribution over levels"):
+        QuantizedLinear(3, 2, prior=pyro.distributions.Normal(0.0, 1.0))
+
+
+def test_wrong_input_shapes_are_named():
+    with pytest.raises(ValueError, match="in_features=3"):
+        QuantizedLinear(3, 2)(torch.randn(4, 5))
+    with pytest.raises(ValueError, match="in_channels=2"):
+        QuantizedConv2d(2, 3, 3)(torch.randn(1, 3, 5, 5))
+    with pytest.raises(ValueError, match="divisible by groups"):
+        QuantizedConv2d(3, 4, 3, groups=2)
