@@ -13,6 +13,7 @@ from pyro.infer import ELBO
 from pyro.poutine.util import site_is_subsample
 
 from pyro_bqn.distributions.moment_likelihoods import expected_log_prob
+from pyro_bqn.infer.checked_replay import CheckedReplayMessenger
 from pyro_bqn.infer.moment_messenger import MomentMessenger
 
 __all__ = ["DeterministicELBO"]
@@ -61,29 +62,18 @@ class DeterministicELBO(ELBO):
     def _get_trace(self, model, guide, args, kwargs):
         """One (model trace, guide trace) pair, with moments at the latent sites."""
         guide_trace = poutine.trace(MomentMessenger()(guide)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+        model_trace = poutine.trace(CheckedReplayMessenger(trace=guide_trace)(model)).get_trace(
             *args, **kwargs
         )
         return model_trace, guide_trace
 
     @staticmethod
-    def _check_match(model_latents: dict, guide_latents: dict) -> None:
-        for name in model_latents.keys() - guide_latents.keys():
-            raise ValueError(f"model sample site '{name}' has no matching site in the guide")
+    def _check_guide_sites(model_latents: dict, guide_latents: dict) -> None:
         for name, site in guide_latents.items():
             if name not in model_latents and not site["infer"].get("is_auxiliary"):
                 raise ValueError(
                     f"guide sample site '{name}' does not appear in the model (mark it "
                     "infer={'is_auxiliary': True} if that is intended)"
-                )
-        for name, model_site in model_latents.items():
-            model_shape = model_site["fn"].batch_shape + model_site["fn"].event_shape
-            guide_fn = guide_latents[name]["fn"]
-            guide_shape = guide_fn.batch_shape + guide_fn.event_shape
-            if model_shape != guide_shape:
-                raise ValueError(
-                    f"model and guide shapes disagree at site '{name}': "
-                    f"{tuple(model_shape)} vs {tuple(guide_shape)}"
                 )
 
     def terms(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:
@@ -95,7 +85,7 @@ class DeterministicELBO(ELBO):
             for name, site in _latent_sites(guide_trace).items()
             if not site["infer"].get("is_auxiliary")
         }
-        self._check_match(model_latents, _latent_sites(guide_trace))
+        self._check_guide_sites(model_latents, _latent_sites(guide_trace))
 
         ell = torch.zeros(())
         for site in model_trace.nodes.values():

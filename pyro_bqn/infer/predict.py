@@ -8,6 +8,7 @@ import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution
 
+from pyro_bqn.infer.checked_replay import CheckedReplayMessenger
 from pyro_bqn.infer.moment_messenger import MomentMessenger
 from pyro_bqn.moments import Moments
 
@@ -58,9 +59,9 @@ def predictive_distribution(
     """
     with _eval_mode(model), poutine.block():
         guide_trace = poutine.trace(MomentMessenger()(guide)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+        model_trace = poutine.trace(
+            CheckedReplayMessenger(guide_trace, allow_unobserved_likelihoods=True)(model)
+        ).get_trace(*args, **kwargs)
     return model_trace.nodes[_observed_site_name(model_trace, site)]["fn"]
 
 

@@ -145,6 +145,22 @@ class QuantizedLayer(PyroModule):
                 )
         return levels
 
+    def sampled_weight(self) -> torch.Tensor | SiteMoments:
+        """The weight site's value (a tensor or the posterior's moments), shape-checked.
+
+        :raises ValueError: if the weight carries extra batch dimensions, which happens when
+            the layer is first called inside a ``pyro.plate`` (the weight is then drawn once
+            per data point).
+        """
+        weight = self.weight
+        if weight.shape != self.weight_shape:
+            raise ValueError(
+                f"{type(self).__name__} weight has shape {tuple(weight.shape)}, expected "
+                f"{tuple(self.weight_shape)}: call the layer outside pyro.plate (weights are "
+                "global), and use Predictive(..., parallel=False) to draw networks"
+            )
+        return weight
+
     def _weight_prior(self) -> TorchDistributionMixin:
         if self._prior is None:
             values = self.levels.values

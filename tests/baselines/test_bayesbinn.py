@@ -1,0 +1,206 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pyro_bqn.baselines import (
+    BayesBiNN,
+    bayesbinn_mlp,
+    bayesbinn_predict_proba,
+    split_binary_parameters,
+    train_bayesbinn,
+)
+from tests.baselines.conftest import accuracy
+
+LAMDA = torch.tensor([-2.0, -0.3, 0.0, 1.5], dtype=torch.float64)
+GRAD = torch.tensor([0.4, -1.0, 0.25, 2.0], dtype=torch.float64)
+
+
+def _optimizer(lamda: torch.Tensor = LAMDA, **kwargs) -> tuple[nn.Parameter, BayesBiNN]:
+    p = nn.Parameter(torch.zeros_like(lamda))
+    opt = BayesBiNN([p], **{"train_set_size": 50, "lr": 0.1, **kwargs})
+    opt.state[p]["lamda"].copy_(lamda)
+    return p, opt
+
+
+def _linear_closure(p: nn.Parameter, seen: list[torch.Tensor]):
+    """Loss ``GRAD · p``: its gradient is ``GRAD`` whatever the sampled weights are."""
+
+    def closure() -> torch.Tensor:
+        seen.append(p.detach().clone())
+        loss = (GRAD * p).sum()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_one_step_by_hand():
+    lr, tau, n, prior = 0.1, 0.7, 50, 0.2
+    p, opt = _optimizer(lr=lr, temperature=tau, train_set_size=n, prior_lamda=prior)
+    seen = []
+    torch.manual_seed(3)
+    opt.step(_linear_closure(p, seen))
+    (w,) = seen
+
+    # The relaxed sample: w = tanh((λ + ½ log(u / (1 − u))) / τ) from the same uniform draw.
+    torch.manual_seed(3)
+    u = torch.rand_like(LAMDA)
+    torch.testing.assert_close(w, torch.tanh((LAMDA + 0.5 * torch.log(u / (1 - u))) / tau))
+
+    # λ ← (1 − α) λ − α (N s g − λ₀) with s = (1 − w²) / (τ (1 − μ²)).
+    scale = (1 - w**2) / (tau * (1 - torch.tanh(LAMDA) ** 2))
+    expected = (1 - lr) * LAMDA - lr * (n * scale * GRAD - prior)
+    torch.testing.assert_close(opt.state[p]["lamda"], expected)
+    torch.testing.assert_close(opt.mean(p), torch.tanh(expected))  # mean of the updated λ
+    assert torch.equal(p.detach(), torch.where(expected >= 0, 1.0, -1.0).double())
+
+
+def test_two_steps_with_samples_momentum_and_kl_weight_by_hand():
+    lr, tau, n, prior, rho, beta, m = 0.05, 1.0, 30, -0.1, 0.6, 0.5, 3
+    p, opt = _optimizer(
+        lr=lr,
+        temperature=tau,
+        train_set_size=n,
+        prior_lamda=prior,
+        momentum=rho,
+        kl_weight=beta,
+        num_samples=m,
+    )
+    lamda, buffer = LAMDA.clone(), torch.zeros_like(LAMDA)
+    torch.manual_seed(0)
+    for t in (1, 2):
+        seen = []
+        loss = opt.step(_linear_closure(p, seen))
+        assert len(seen) == m
+        torch.testing.assert_close(loss, torch.stack([(GRAD * w).sum() for w in seen]).mean())
+        mu = torch.tanh(lamda)
+        grad_hat = n / m * sum((1 - w**2) / (tau * (1 - mu**2)) * GRAD for w in seen)
+        buffer = rho * buffer + (1 - rho) * (grad_hat + beta * (lamda - prior))
+        lamda = lamda - lr * buffer / (1 - rho**t)
+        torch.testing.assert_close(opt.state[p]["lamda"], lamda)
+        assert opt.state[p]["step"] == t
+
+
+def test_unused_parameter_only_feels_the_prior():
+    used = nn.Parameter(torch.zeros(2))
+    unused = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt = BayesBiNN([used, unused], train_set_size=5, lr=0.1, prior_lamda=0.5, kl_weight=2.0)
+    opt.state[unused]["lamda"].copy_(LAMDA)
+
+    def closure() -> torch.Tensor:
+        loss = used.sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    torch.testing.assert_close(opt.state[unused]["lamda"], LAMDA - 0.1 * 2.0 * (LAMDA - 0.5))
+
+
+def test_mean_and_variance():
+    lamda = torch.linspace(-4.0, 4.0, 9)
+    p, opt = _optimizer(lamda)
+    mu = opt.mean(p)
+    torch.testing.assert_close(mu, torch.tanh(lamda))
+    torch.testing.assert_close(opt.variance(p), 1 - mu**2)
+    # Where tanh rounds to ±1 the variance stays positive (1 − μ² would be exactly 0).
+    p, opt = _optimizer(torch.tensor([-20.0, 20.0]))
+    assert (opt.variance(p) > 0).all() and (opt.variance(p) < 1e-16).all()
+
+
+def test_initialisation_takes_signs_from_the_parameters():
+    p = nn.Parameter(torch.tensor([0.3, -2.0, 0.0, -0.1]))
+    opt = BayesBiNN([p], train_set_size=10, init_lamda=4.0)
+    assert torch.equal(opt.state[p]["lamda"], torch.tensor([4.0, -4.0, 4.0, -4.0]))
+    assert torch.equal(p.detach(), torch.tensor([1.0, -1.0, 1.0, -1.0]))
+
+
+def test_samples_are_exactly_binary_with_the_right_mean():
+    n = 20_000
+    p, opt = _optimizer(torch.full((n,), 0.4, dtype=torch.float64))
+    opt.sample_(torch.Generator().manual_seed(0))
+    assert torch.isin(p.detach(), torch.tensor([-1.0, 1.0], dtype=torch.float64)).all()
+    mu = math.tanh(0.4)
+    assert abs(p.mean().item() - mu) < 4 * math.sqrt((1 - mu**2) / n)
+    opt.load_map_()
+    assert torch.equal(p.detach(), torch.ones(n, dtype=torch.float64))
+
+
+def test_state_dict_round_trip():
+    p, opt = _optimizer()
+    opt.step(_linear_closure(p, []))
+    other = BayesBiNN([p], train_set_size=50)
+    other.load_state_dict(opt.state_dict())
+    assert torch.equal(other.state[p]["lamda"], opt.state[p]["lamda"])
+    assert other.param_groups[0]["lr"] == 0.1
+
+
+def test_split_binary_parameters():
+    model = bayesbinn_mlp([5, 4, 3])
+    binary, other = split_binary_parameters(model)
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert [named[id(p)] for p in binary] == ["fc1.weight", "out.weight"]
+    assert [named[id(p)] for p in other] == [
+        "bn1.weight",
+        "bn1.bias",
+        "out.bias",
+        "scale.log_scale",
+    ]
+
+
+def test_bayesbinn_learns_digits(digits):
+    torch.manual_seed(0)
+    model = bayesbinn_mlp([64, 64, 10])
+    opt = train_bayesbinn(
+        model,
+        digits["x"],
+        digits["y"],
+        lr=2e-2,
+        init_lamda=1.0,
+        epochs=10,
+        batch_size=64,
+        progress=False,
+    )
+    x, y = digits["x_test"], digits["y_test"]
+    assert accuracy(bayesbinn_predict_proba(model, opt, x), y) > 0.7
+    mc = bayesbinn_predict_proba(model, opt, x, num_samples=5, seed=1)
+    torch.testing.assert_close(mc.sum(-1), torch.ones(len(y)))
+    assert accuracy(mc, y) > 0.7
+    for w in (model.fc1.weight, model.out.weight):  # the MAP network is back in place
+        assert torch.equal(w.detach(), torch.where(opt.mean(w) >= 0, 1.0, -1.0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"lr": 0.0}, "lr"),
+        ({"lr": 1.5}, "lr"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"num_samples": 1.5}, "num_samples"),
+        ({"train_set_size": 0}, "train_set_size"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"kl_weight": -1.0}, "kl_weight"),
+        ({"init_lamda": -1.0}, "init_lamda"),
+        ({"prior_lamda": math.nan}, "prior_lamda"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        BayesBiNN([nn.Parameter(torch.zeros(3))], **{"train_set_size": 10, **kwargs})
+
+
+def test_bad_call_arguments():
+    p, opt = _optimizer()
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+    with pytest.raises(ValueError, match="closure must call backward"):
+        opt.step(lambda: (GRAD * p).sum())
+    model = bayesbinn_mlp([3, 2])
+    opt = BayesBiNN(split_binary_parameters(model)[0], train_set_size=4)
+    with pytest.raises(ValueError, match="num_samples"):
+        bayesbinn_predict_proba(model, opt, torch.zeros(4, 3), num_samples=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        train_bayesbinn(model, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), optimizer=opt)

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from pyro_bqn.baselines import QuantizedEnsemble, fit_ensemble, predict_proba, ste_mlp
+from tests.baselines.conftest import accuracy, one_thread
+
+
+@pytest.fixture(scope="module")
+def ensemble(digits) -> QuantizedEnsemble:
+    with one_thread():  # module fixtures are set up before the autouse single_thread
+        return fit_ensemble(
+            digits["x"],
+            digits["y"],
+            [64, 64, 10],
+            num_members=3,
+            seed=1,
+            epochs=6,
+            batch_size=64,
+            progress=False,
+        )
+
+
+def test_ensemble_learns_digits(ensemble, digits):
+    assert len(ensemble.members) == 3
+    assert accuracy(predict_proba(ensemble, digits["x_test"]), digits["y_test"]) > 0.75
+
+
+def test_prediction_is_the_mean_of_member_probabilities(ensemble, digits):
+    members = ensemble.member_proba(digits["x_test"], batch_size=128)
+    assert members.shape == (3, 400, 10)
+    torch.testing.assert_close(predict_proba(ensemble, digits["x_test"]), members.mean(0))
+
+
+def test_members_differ(ensemble):
+    first, second = (m.fc1.weight for m in list(ensemble.members)[:2])
+    assert not torch.equal(first, second)
+
+
+def test_fit_is_reproducible():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, generator=gen), torch.randint(2, (40,), generator=gen)
+    kwargs = dict(num_members=2, seed=3, epochs=1, batch_size=16, progress=False)
+    a, b = fit_ensemble(x, y, [3, 4, 2], **kwargs), fit_ensemble(x, y, [3, 4, 2], **kwargs)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_forward_is_log_mean_probability():
+    torch.manual_seed(0)
+    members = [ste_mlp([3, 4, 2]).eval() for _ in range(4)]
+    x = torch.randn(5, 3)
+    expected = torch.stack([m(x).softmax(-1) for m in members]).mean(0).log()
+    torch.testing.assert_close(QuantizedEnsemble(members)(x), expected)
+
+
+def test_bad_arguments():
+    x, y = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="num_members"):
+        fit_ensemble(x, y, [3, 2], num_members=0)
+    with pytest.raises(ValueError, match="members"):
+        QuantizedEnsemble([])
+
+
+@pytest.mark.parametrize("bootstrap", [True, False])
+def test_members_train_on_bootstrap_resamples(monkeypatch, bootstrap):
+    seen = []
+    monkeypatch.setattr(
+        "pyro_bqn.baselines.ensemble.train_ste",
+        lambda model, x, y, seed, **kw: seen.append((x, y, seed)),
+    )
+    x = torch.arange(50.0)[:, None]
+    y = torch.arange(50) % 2
+    fit_ensemble(x, y, [1, 2], num_members=3, seed=10, bootstrap=bootstrap)
+    assert [s for *_, s in seen] == [10, 11, 12]
+    for xm, ym, _ in seen:
+        assert xm.shape == x.shape and torch.equal(ym, y[xm[:, 0].long()])
+        assert (xm.unique().numel() < 50) == bootstrap
+    assert torch.equal(seen[0][0], seen[1][0]) != bootstrap

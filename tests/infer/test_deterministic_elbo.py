@@ -1,0 +1,216 @@
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI
+from pyro.nn import PyroModule
+
+from pyro_bqn.distributions.moment_likelihoods import MomentCategorical
+from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO, predict, predictive_distribution
+from pyro_bqn.moments import MomentRuleError
+from pyro_bqn.nn.quantized_linear import QuantizedLinear
+from tests.infer.models import Classifier, linear_classes
+
+
+@pytest.fixture(autouse=True)
+def clean_param_store():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def _setup(sizes=(5, 4, 3), n=32):
+    x, y = linear_classes(n, sizes[0], sizes[-1], seed=1)
+    model = Classifier(sizes)
+    guide = AutoQuantizedGuide(model)
+    guide(x, y)
+    return model, guide, x, y
+
+
+def test_loss_is_identical_under_different_seeds_and_draws_no_random_numbers():
+    model, guide, x, y = _setup()
+    elbo = DeterministicELBO()
+    torch.manual_seed(1)
+    first = elbo.loss(model, guide, x, y)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    second = elbo.loss(model, guide, x, y)
+    assert first == second
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_terms_are_exposed_and_consistent():
+    model, guide, x, y = _setup()
+    elbo = DeterministicELBO(kl_weight=0.5)
+    loss = elbo.loss(model, guide, x, y)
+    terms = elbo.last_terms
+    assert set(terms) == {"expected_log_likelihood", "kl", "elbo"}
+    assert terms["kl"] > 0
+    assert math.isclose(
+        terms["elbo"], terms["expected_log_likelihood"] - 0.5 * terms["kl"], rel_tol=1e-6
+    )
+    assert math.isclose(loss, -terms["elbo"], rel_tol=1e-6)
+    module_loss = DeterministicELBO(kl_weight=0.5)(model, guide)(x, y)
+    assert math.isclose(module_loss.item(), loss, rel_tol=1e-6)
+
+
+def test_gradients_agree_with_finite_differences():
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, guide, x, y = _setup(sizes=(3, 2, 2), n=6)
+        model.eval()  # batch statistics would couple the perturbations through the batch
+        elbo = DeterministicELBO()
+        with poutine.trace(param_only=True) as capture:
+            elbo.differentiable_loss(model, guide, x, y)
+        params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
+        loss = elbo.differentiable_loss(model, guide, x, y)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        eps = 1e-6
+        for (name, param), grad in zip(params.items(), grads, strict=True):
+            grad = torch.zeros_like(param) if grad is None else grad
+            flat, flat_grad = param.data.view(-1), grad.view(-1)
+            for i in range(min(flat.numel(), 4)):
+                original = flat[i].item()
+                flat[i] = original + eps
+                up = elbo.loss(model, guide, x, y)
+                flat[i] = original - eps
+                down = elbo.loss(model, guide, x, y)
+                flat[i] = original
+                numeric = (up - down) / (2 * eps)
+                assert abs(numeric - flat_grad[i].item()) <= 1e-5 * (1 + abs(numeric)), name
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_deterministic_elbo_lower_bounds_the_monte_carlo_elbo():
+    # One quantized layer and a temperature: the Monte Carlo ELBO over discrete weight
+    # draws is computed in one vectorised pass.
+    model, guide, x, y = _setup(sizes=(4, 3), n=16)
+    elbo = DeterministicELBO()
+    deterministic = -elbo.loss(model, guide, x, y)
+    kl = elbo.last_terms["kl"]
+    num_samples = 20_000
+    with torch.no_grad():
+        weight = guide.exact_posterior("body.0.weight").sample((num_samples,))
+        bias = guide.exact_posterior("body.0.bias").sample((num_samples,))
+        logits = (torch.einsum("ni,soi->sno", x, weight) + bias[:, None]) / model.temperature(
+            torch.ones(())
+        ).reciprocal()
+        log_liks = logits.log_softmax(-1).gather(-1, y.expand(num_samples, -1)[..., None])
+        log_liks = log_liks.squeeze(-1).sum(-1)
+    monte_carlo = log_liks.mean().item() - kl
+    standard_error = log_liks.std().item() / math.sqrt(num_samples)
+    assert deterministic <= monte_carlo + 5 * standard_error
+
+
+def test_subsample_scale_is_applied():
+    x, y = linear_classes(40, 3, 2, seed=0)
+    idx = torch.arange(0, 40, 4)
+
+    class Subsampled(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.fc = QuantizedLinear(3, 2)
+
+        def forward(self, x, y):
+            logits = self.fc(x[idx])
+            with pyro.plate("data", 40, subsample=idx):
+                pyro.sample("obs", MomentCategorical(logits=logits), obs=y[idx])
+
+    model = Subsampled()
+    guide = AutoQuantizedGuide(model)
+    elbo = DeterministicELBO()
+    elbo.loss(model, guide, x, y)
+    fn = predictive_distribution(model, guide, x, y, site="obs")
+    plain_sum = fn.expected_log_prob(y[idx]).sum().item()
+    # N / b = 40 / 10: the subsampled likelihood stands for the whole data set.
+    assert math.isclose(elbo.last_terms["expected_log_likelihood"], 4 * plain_sum, rel_tol=1e-5)
+
+
+def test_mask_is_applied():
+    model, guide, x, y = _setup()
+    elbo = DeterministicELBO()
+    elbo.loss(model, guide, x, y)
+    full = elbo.last_terms["expected_log_likelihood"]
+    masked_model = poutine.mask(model, mask=torch.zeros(x.shape[0], dtype=torch.bool))
+    elbo.loss(masked_model, guide, x, y)
+    assert full < 0 and elbo.last_terms["expected_log_likelihood"] == 0
+
+
+def test_model_guide_mismatch_names_the_site():
+    model, guide, x, y = _setup()
+
+    def guide_missing_a_site(x, y):
+        pyro.sample("other", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="model sample site '.*' has no matching site"):
+        DeterministicELBO().loss(model, guide_missing_a_site, x, y)
+
+    def guide_with_extra_site(x, y):
+        guide(x, y)
+        pyro.sample("extra", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="guide sample site 'extra' does not appear"):
+        DeterministicELBO().loss(model, guide_with_extra_site, x, y)
+
+
+def test_shape_mismatch_names_the_site():
+    model, guide, x, y = _setup(sizes=(5, 3))
+    other = Classifier((5, 4))
+    with pytest.raises(ValueError, match="shapes disagree at site 'body.0.weight'"):
+        DeterministicELBO().loss(other, guide, x, y)
+
+
+def test_plain_categorical_in_the_model_fails_with_a_pointer():
+    class Plain(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.fc = QuantizedLinear(5, 3)
+
+        def forward(self, x, y=None):
+            logits = self.fc(x)
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+
+    x, y = linear_classes(8, 5, 3, seed=0)
+    model = Plain()
+    guide = AutoQuantizedGuide(model)
+    with pytest.raises(MomentRuleError, match="MomentCategorical"):
+        DeterministicELBO().loss(model, guide, x, y)
+
+
+def test_layer_called_inside_the_data_plate_is_explained():
+    class InsidePlate(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.fc = QuantizedLinear(5, 3)
+
+        def forward(self, x, y=None):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", MomentCategorical(logits=self.fc(x)), obs=y)
+
+    x, y = linear_classes(8, 5, 3, seed=0)
+    model = InsidePlate()
+    with pytest.raises(ValueError, match="call the layer outside pyro.plate"):
+        DeterministicELBO().loss(model, AutoQuantizedGuide(model), x, y)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "1"])
+def test_kl_weight_is_validated(bad):
+    with pytest.raises(ValueError, match="kl_weight"):
+        DeterministicELBO(kl_weight=bad)
+
+
+def test_svi_learns_a_synthetic_classification_problem():
+    x, y = linear_classes(400, 10, 3, seed=3)
+    model = Classifier((10, 32, 3))
+    guide = AutoQuantizedGuide(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.03}), DeterministicELBO())
+    for _ in range(200):
+        svi.step(x, y)
+    accuracy = (predict(model, guide, x).argmax(-1) == y).float().mean()
+    assert accuracy > 0.8
