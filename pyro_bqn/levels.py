@@ -36,7 +36,9 @@ def check_levels(values: torch.Tensor, name: str = "levels") -> torch.Tensor:
         infinite values, or is not strictly increasing (unsorted or duplicate values).
     """
     if not isinstance(values, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (K,), got {type(values).__name__}")
+        raise ValueError(
+            f"{name} must be a torch.Tensor of shape (K,), got {type(values).__name__}"
+        )
     if values.dim() != 1:
         raise ValueError(f"{name} must be one-dimensional (K,), got shape {tuple(values.shape)}")
     if values.numel() < 2:
@@ -80,7 +82,8 @@ class LevelSet(PyroModule):
 
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
         """Round every entry of ``x`` to its nearest level (ties go up); same shape as ``x``."""
-        index = torch.bucketize(x.detach(), self.thresholds.detach())
+        # right=True puts a value equal to a threshold in the upper bucket: ties go up.
+        index = torch.bucketize(x.detach(), self.thresholds.detach(), right=True)
         return self.values[index]
 
     def extra_repr(self) -> str:
@@ -90,33 +93,53 @@ class LevelSet(PyroModule):
 class LearnableLevels(LevelSet):
     """An asymmetric level set whose values are learned and stay strictly increasing.
 
-    Parametrised as ``v_1 = first`` and ``v_{k+1} = v_k + softplus(raw_gap_k) + min_gap``,
-    so every parameter value gives strictly increasing levels; ``min_gap`` keeps the gaps
-    apart where ``softplus`` underflows to zero in floating point.
+    Parametrised as ``v_1 = first`` and
 
-    :param init: initial levels, strictly increasing, shape ``(K,)``.
-    :param min_gap: smallest allowed distance between neighbouring levels.
+        ``v_{k+1} = v_k + softplus(raw_gap_k) + min_gap * max(1, |v_k|)``,
+
+    so every finite parameter value gives strictly increasing levels (until they overflow
+    the dtype). The minimum gap is relative for levels beyond ``[-1, 1]`` because an absolute
+    one is lost to rounding there: in float32, ``3e4 + 1e-3 == 3e4``. For levels inside
+    ``[-1, 1]`` it is simply ``min_gap``.
+
+    :param init: initial levels, strictly increasing, shape ``(K,)``; neighbours must be more
+        than ``min_gap * max(1, |v_k|)`` apart.
+    :param min_gap: the minimum relative gap; at least twice the machine epsilon of the
+        default dtype, so that the gap survives rounding.
     """
 
     def __init__(self, init: torch.Tensor | Sequence[float], min_gap: float = 1e-3) -> None:
         super().__init__(init)
         init_values = self._values
-        if min_gap < 0:
-            raise ValueError(f"min_gap must be non-negative, got {min_gap}")
-        gaps = init_values[1:] - init_values[:-1] - min_gap
+        smallest = 2 * torch.finfo(init_values.dtype).eps
+        if not min_gap >= smallest:
+            raise ValueError(
+                f"min_gap must be at least {smallest:.3g} (twice the machine epsilon of "
+                f"{init_values.dtype}), got {min_gap}"
+            )
+        gaps = init_values[1:] - init_values[:-1] - min_gap * self._scale(init_values[:-1])
         if (gaps <= 0).any():
             raise ValueError(
-                f"init levels must be at least min_gap={min_gap} apart, got {init_values.tolist()}"
+                f"init levels must be more than min_gap * max(1, |v_k|) apart "
+                f"(min_gap={min_gap}), got {init_values.tolist()}"
             )
         self.min_gap = min_gap
         self.first = torch.nn.Parameter(init_values[:1].clone())
-        # Inverse softplus, so that the initial levels are reproduced exactly.
+        # Inverse softplus, so that the initial levels are reproduced.
         self.raw_gaps = torch.nn.Parameter(gaps + torch.log(-torch.expm1(-gaps)))
+
+    @staticmethod
+    def _scale(values: torch.Tensor) -> torch.Tensor:
+        return values.abs().clamp(min=1.0)
 
     @property
     def values(self) -> torch.Tensor:
-        gaps = F.softplus(self.raw_gaps) + self.min_gap
-        return torch.cat([self.first, self.first + torch.cumsum(gaps, dim=0)])
+        # Sequential, not a cumsum: each minimum gap depends on the level below it.
+        levels = [self.first]
+        for raw_gap in F.softplus(self.raw_gaps).split(1):
+            below = levels[-1]
+            levels.append(below + raw_gap + self.min_gap * self._scale(below))
+        return torch.cat(levels)
 
 
 def binary() -> LevelSet:

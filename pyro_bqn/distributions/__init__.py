@@ -1,6 +1,19 @@
 """Distributions over quantization levels, the spike-and-slab prior and moment-aware likelihoods."""
 
+from pyro_bqn.distributions import kl  # noqa: F401  (registers the KL divergences)
+from pyro_bqn.distributions.multiple_spike_and_slab import MultipleSpikeAndSlab
 from pyro_bqn.distributions.quantized_categorical import LevelSupport, QuantizedCategorical
+from pyro_bqn.distributions.relaxed_quantized_categorical import (
+    RelaxedQuantizedCategorical,
+    RelaxedQuantizedCategoricalStraightThrough,
+)
 from pyro_bqn.distributions.relaxed_value import RelaxedLevelValue
 
-__all__ = ["LevelSupport", "QuantizedCategorical", "RelaxedLevelValue"]
+__all__ = [
+    "LevelSupport",
+    "MultipleSpikeAndSlab",
+    "QuantizedCategorical",
+    "RelaxedLevelValue",
+    "RelaxedQuantizedCategorical",
+    "RelaxedQuantizedCategoricalStraightThrough",
+]

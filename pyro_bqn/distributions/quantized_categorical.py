@@ -33,7 +33,10 @@ def resolve_levels(levels: LevelSet | torch.Tensor) -> tuple[torch.Tensor, Level
     """Return ``(values, level_set)`` for a :class:`LevelSet` or a ``(K,)`` tensor."""
     if isinstance(levels, LevelSet):
         return levels.values, levels
-    return check_levels(torch.as_tensor(levels, dtype=torch.get_default_dtype())), None
+    values = torch.as_tensor(levels)
+    if not values.is_floating_point():
+        values = values.to(torch.get_default_dtype())
+    return check_levels(values), None
 
 
 class QuantizedCategorical(TorchDistribution):
@@ -69,6 +72,13 @@ class QuantizedCategorical(TorchDistribution):
             raise ValueError(
                 f"{name} must have last dimension K={self.levels.shape[0]} (one entry per "
                 f"level), got shape {tuple(params.shape)}"
+            )
+        validate = self._validate_args if validate_args is None else validate_args
+        # Categorical normalises probs before validating them, which would hide the error.
+        if probs is not None and validate and not constraints.simplex.check(probs).all():
+            raise ValueError(
+                "probs must be non-negative and sum to one over the last dimension (the K "
+                f"levels); got sums {probs.detach().sum(-1).flatten()[:5].tolist()}"
             )
         self._categorical = Categorical(logits=logits, probs=probs, validate_args=validate_args)
         super().__init__(self._categorical.batch_shape, validate_args=validate_args)
@@ -109,14 +119,16 @@ class QuantizedCategorical(TorchDistribution):
         matches = value.detach().unsqueeze(-1) == self.levels
         if not matches.any(-1).all():
             bad = value[~matches.any(-1)].flatten()[:5].tolist()
-            raise ValueError(f"value holds entries that are not levels {self.levels.tolist()}: {bad}")
+            raise ValueError(
+                f"value holds entries that are not levels {self.levels.tolist()}: {bad}"
+            )
         return matches.to(torch.long).argmax(-1)
 
     def value_of(self, index: torch.Tensor) -> torch.Tensor:
         """Level values of level indices; same shape as ``index``."""
         return self.levels[index]
 
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape: tuple[int, ...] | torch.Size = ()) -> torch.Tensor:
         return self.levels[self._categorical.sample(sample_shape)]
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,61 @@
+"""KL divergences between distributions over levels, registered with
+:func:`torch.distributions.kl_divergence`.
+
+Both return a tensor of shape ``broadcast(q.batch_shape, p.batch_shape)`` (the guide's batch
+shape, as Pyro expects). Because the distributions define ``expand``, a ``pyro.plate`` keeps
+their type and the registrations below apply; ``.to_event(n)`` on both sides goes through
+Pyro's ``Independent``/``Independent`` registration, which sums these over the event dims.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributions import register_kl
+
+from pyro_bqn.distributions.multiple_spike_and_slab import MultipleSpikeAndSlab
+from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical
+
+__all__: list[str] = []
+
+
+def _check_same_levels(
+    q: QuantizedCategorical, p: QuantizedCategorical | MultipleSpikeAndSlab
+) -> None:
+    if q.levels.shape != p.levels.shape or not torch.equal(q.levels.detach(), p.levels.detach()):
+        raise ValueError(
+            f"KL({type(q).__name__} || {type(p).__name__}) needs both distributions on the "
+            f"same levels, got {q.levels.tolist()} and {p.levels.tolist()}"
+        )
+
+
+def _categorical_kl(q_probs: torch.Tensor, q_logits: torch.Tensor, p_probs: torch.Tensor,
+                    p_logits: torch.Tensor) -> torch.Tensor:
+    """``sum_k q_k (log q_k - log p_k)``, with ``0 log 0 = 0`` and ``+inf`` where
+    ``p_k = 0 < q_k``; shape ``broadcast(q_probs, p_probs).shape[:-1]``."""
+    terms = q_probs * (q_logits - p_logits)
+    terms = torch.where(p_probs == 0, math.inf, terms)
+    return torch.where(q_probs == 0, 0.0, terms).sum(-1)
+
+
+@register_kl(QuantizedCategorical, QuantizedCategorical)
+def _kl_quantized_quantized(q: QuantizedCategorical, p: QuantizedCategorical) -> torch.Tensor:
+    """``KL(q || p) = sum_k q_k log(q_k / p_k)``; the levels must match."""
+    _check_same_levels(q, p)
+    return _categorical_kl(q.probs, q.logits, p.probs, p.logits)
+
+
+@register_kl(QuantizedCategorical, MultipleSpikeAndSlab)
+def _kl_quantized_spike_and_slab(q: QuantizedCategorical, p: MultipleSpikeAndSlab) -> torch.Tensor:
+    """``KL(q || p) = sum_k q_k log(q_k / pi_k)`` with the prior's spike weights ``pi_k``; the
+    levels must match.
+
+    A distribution on the levels gives the slab no mass, so the slab enters only through
+    the weight it takes from the spikes (``sum_k pi_k = 1 - pi_0``). With Gaussian spikes
+    (``spike_scale > 0``) the true KL of a discrete posterior is infinite; this returns the
+    zero-width limit of the spikes, i.e. the KL against the point-mass prior with the same
+    weights.
+    """
+    _check_same_levels(q, p)
+    return _categorical_kl(q.probs, q.logits, p.spike_probs, p.spike_probs.log())

@@ -1,0 +1,152 @@
+import math
+
+import pyro
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributions import kl_divergence
+
+from pyro_bqn import levels
+from pyro_bqn.distributions import (
+    MultipleSpikeAndSlab,
+    QuantizedCategorical,
+    RelaxedQuantizedCategoricalStraightThrough,
+)
+
+NUM_SAMPLES = 20_000
+Z = 5.0  # tolerance in standard errors
+
+
+def _logits(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _point_mass_prior(level_set, batch_shape=(), seed=0, slab_prob=0.2):
+    logits = _logits(*batch_shape, level_set.num_levels, seed=seed)
+    spike_probs = (1 - slab_prob) * logits.softmax(-1)
+    return MultipleSpikeAndSlab(level_set, spike_probs, slab_prob, 1.5)
+
+
+PAIRS = {
+    "qc-qc": lambda: (
+        QuantizedCategorical(levels.ternary(), logits=_logits(4, 3, seed=1)),
+        QuantizedCategorical(levels.ternary(), logits=_logits(4, 3, seed=2)),
+    ),
+    "qc-qc-broadcast": lambda: (
+        QuantizedCategorical(levels.uniform(2), logits=_logits(2, 3, 4, seed=3)),
+        QuantizedCategorical(levels.uniform(2), logits=_logits(3, 4, seed=4)),
+    ),
+    "qc-mss": lambda: (
+        QuantizedCategorical(levels.ternary(), logits=_logits(4, 3, seed=5)),
+        _point_mass_prior(levels.ternary(), (4,), seed=6),
+    ),
+    "qc-mss-broadcast": lambda: (
+        QuantizedCategorical(levels.from_values([-0.7, 0.1, 1.3]), logits=_logits(5, 3, seed=7)),
+        _point_mass_prior(levels.from_values([-0.7, 0.1, 1.3]), seed=8),
+    ),
+    "straight-through-qc": lambda: (
+        RelaxedQuantizedCategoricalStraightThrough(
+            levels.binary(), 0.5, logits=_logits(4, 2, seed=9)
+        ),
+        QuantizedCategorical(levels.binary(), logits=_logits(2, seed=10)),
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    pyro.set_rng_seed(0)
+
+
+@pytest.mark.parametrize("pair", list(PAIRS), ids=str)
+def test_kl_matches_monte_carlo(pair):
+    q, p = PAIRS[pair]()
+    kl = kl_divergence(q, p)
+    batch_shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    assert kl.shape == batch_shape
+    with torch.no_grad():
+        w = q.sample((NUM_SAMPLES,))
+        log_ratio = q.log_prob(w) - p.log_prob(w)
+        # Exact variance of the log ratio under q, for the standard error of its mean.
+        support = q.enumerate_support(expand=False)
+        ratios = q.log_prob(support) - p.log_prob(support)
+        var = (q.log_prob(support).exp() * (ratios - kl).square()).sum(0)
+    tol = Z * (var / NUM_SAMPLES).sqrt() + 1e-5
+    assert ((log_ratio.mean(0) - kl).abs() <= tol).all()
+
+
+def test_kl_against_uniform_prior_is_log_k_minus_entropy():
+    q = QuantizedCategorical(levels.uniform(2), logits=_logits(6, 4, seed=11))
+    p = QuantizedCategorical(levels.uniform(2), logits=torch.zeros(4))
+    assert torch.allclose(kl_divergence(q, p), math.log(4) - q.entropy())
+
+
+def test_kl_of_identical_distributions_is_zero():
+    q = QuantizedCategorical(levels.ternary(), logits=_logits(3, 3, seed=12))
+    assert torch.allclose(kl_divergence(q, q), torch.zeros(3), atol=1e-6)
+
+
+def test_kl_handles_zero_probabilities():
+    ternary = levels.ternary()
+    q = QuantizedCategorical(ternary, probs=torch.tensor([0.5, 0.5, 0.0]))
+    p = QuantizedCategorical(ternary, probs=torch.tensor([0.25, 0.25, 0.5]))
+    assert torch.allclose(kl_divergence(q, p), torch.tensor(math.log(2.0)))
+    assert kl_divergence(p, q) == math.inf
+    spikes = MultipleSpikeAndSlab(ternary, torch.tensor([0.0, 0.4, 0.4]), 0.2, 1.0)
+    assert kl_divergence(q, spikes) == math.inf
+
+
+def test_kl_to_spike_and_slab_uses_spike_weights():
+    ternary = levels.ternary()
+    q = QuantizedCategorical(ternary, logits=_logits(4, 3, seed=13))
+    prior = MultipleSpikeAndSlab.with_uniform_spikes(ternary, slab_prob=0.4, slab_scale=1.0)
+    expected = (q.probs * (q.probs.log() - math.log(0.2))).sum(-1)
+    assert torch.allclose(kl_divergence(q, prior), expected)
+
+
+def test_kl_to_gaussian_spikes_is_the_zero_width_limit():
+    q = QuantizedCategorical(levels.ternary(), logits=_logits(4, 3, seed=14))
+    spike_probs = torch.tensor([0.3, 0.2, 0.4])
+    point = MultipleSpikeAndSlab(levels.ternary(), spike_probs, 0.1, 1.0)
+    gaussian = MultipleSpikeAndSlab(levels.ternary(), spike_probs, 0.1, 1.0, spike_scale=0.01)
+    assert torch.equal(kl_divergence(q, gaussian), kl_divergence(q, point))
+
+
+@pytest.mark.parametrize("prior_kind", ["qc", "mss"])
+def test_kl_under_plate_and_to_event(prior_kind):
+    ternary = levels.ternary()
+    logits = _logits(3, seed=15).requires_grad_()
+    guide = QuantizedCategorical(ternary, logits=logits)
+    prior = (
+        QuantizedCategorical(ternary, logits=torch.zeros(3))
+        if prior_kind == "qc"
+        else MultipleSpikeAndSlab.with_uniform_spikes(ternary, 0.1, 1.0)
+    )
+    kl = kl_divergence(guide.expand((4, 5)).to_event(2), prior.expand((4, 5)).to_event(2))
+    assert kl.shape == ()
+    assert torch.allclose(kl, 20 * kl_divergence(guide, prior))
+    kl.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_kl_with_mismatched_levels_raises():
+    q = QuantizedCategorical(levels.ternary(), logits=torch.zeros(3))
+    shifted = QuantizedCategorical(levels.from_values([-1.0, 0.1, 1.0]), logits=torch.zeros(3))
+    binary = QuantizedCategorical(levels.binary(), logits=torch.zeros(2))
+    prior = MultipleSpikeAndSlab.with_uniform_spikes(levels.uniform(2), 0.1, 1.0)
+    for p in (shifted, binary, prior):
+        with pytest.raises(ValueError, match="same levels"):
+            kl_divergence(q, p)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    logits=st.lists(st.floats(-20, 20), min_size=3, max_size=3),
+    prior_logits=st.lists(st.floats(-20, 20), min_size=3, max_size=3),
+)
+def test_kl_is_non_negative_and_finite(logits, prior_logits):
+    q = QuantizedCategorical(levels.ternary(), logits=torch.tensor(logits))
+    p = QuantizedCategorical(levels.ternary(), logits=torch.tensor(prior_logits))
+    kl = kl_divergence(q, p)
+    assert torch.isfinite(kl) and kl >= -1e-6

@@ -1,0 +1,134 @@
+import math
+
+import pyro
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyro_bqn import levels
+from pyro_bqn.levels import LearnableLevels, LevelSet, check_levels
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+@pytest.mark.parametrize(
+    "level_set, expected",
+    [
+        (levels.binary(), [-1.0, 1.0]),
+        (levels.ternary(), [-1.0, 0.0, 1.0]),
+        (levels.uniform(1), [-1.0, 1.0]),
+        (levels.uniform(2), [-1.0, -1 / 3, 1 / 3, 1.0]),
+        (levels.uniform(3), [-1.0 + 2 * k / 7 for k in range(8)]),
+        (levels.from_values([-0.7, 0.1, 1.3]), [-0.7, 0.1, 1.3]),
+        (levels.learnable([-1.2, -0.1, 0.3, 0.9]), [-1.2, -0.1, 0.3, 0.9]),
+    ],
+    ids=["binary", "ternary", "uniform1", "uniform2", "uniform3", "from_values", "learnable"],
+)
+def test_constructors(level_set, expected):
+    assert isinstance(level_set, LevelSet) and isinstance(level_set, pyro.nn.PyroModule)
+    assert level_set.num_levels == len(expected)
+    assert level_set.values.dtype == torch.get_default_dtype()
+    assert torch.allclose(level_set.values, torch.tensor(expected), atol=1e-6)
+    assert torch.allclose(level_set.thresholds,
+                          0.5 * (torch.tensor(expected[1:]) + torch.tensor(expected[:-1])),
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_uniform_is_symmetric_and_evenly_spaced(bits):
+    values = levels.uniform(bits).values
+    assert values.shape == (2**bits,)
+    assert torch.allclose(values, -values.flip(0))
+    assert torch.allclose(values.diff(), torch.full((2**bits - 1,), 2 / (2**bits - 1)))
+
+
+def test_nearest_rounds_to_the_closest_level_and_ties_go_up():
+    ternary = levels.ternary()
+    x = torch.tensor([[-5.0, -0.51, -0.5, -0.49], [0.0, 0.49, 0.5, 7.0]])
+    expected = torch.tensor([[-1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    assert torch.equal(ternary.nearest(x), expected)
+    asymmetric = levels.from_values([-0.7, 0.1, 1.3])
+    assert torch.equal(asymmetric.nearest(torch.tensor([-0.29, -0.31, 0.71, 0.69])),
+                       torch.tensor([0.1, -0.7, 1.3, 0.1]))
+
+
+def test_learnable_levels_are_parameters_and_get_gradients():
+    level_set = levels.learnable([-1.0, 0.0, 0.5])
+    assert isinstance(level_set, LearnableLevels)
+    names = {name for name, _ in level_set.named_parameters()}
+    assert names == {"first", "raw_gaps"}
+    (level_set.values * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert level_set.first.grad is not None and (level_set.raw_gaps.grad > 0).all()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    first=st.floats(-1e30, 1e30),
+    raw_gaps=st.lists(
+        st.one_of(st.floats(-1e30, 1e30), st.sampled_from([-1e30, -100.0, 0.0, 100.0, 1e30])),
+        min_size=1,
+        max_size=7,
+    ),
+)
+def test_learnable_levels_stay_strictly_increasing_for_any_raw_parameters(first, raw_gaps):
+    level_set = levels.learnable(torch.linspace(-1.0, 1.0, len(raw_gaps) + 1))
+    with torch.no_grad():
+        level_set.first.fill_(first)
+        level_set.raw_gaps.copy_(torch.tensor(raw_gaps))
+    values = level_set.values
+    assert torch.isfinite(values).all()
+    assert (values.diff() > 0).all()
+    check_levels(values.detach())
+    assert (level_set.thresholds.diff() > 0).all()
+
+
+def test_learnable_levels_survive_gaps_lost_to_rounding():
+    # An absolute gap of 1e-3 vanishes next to 3e4 in float32; the relative one does not.
+    level_set = levels.learnable([-1.0, 0.0, 1.0, 2.0])
+    with torch.no_grad():
+        level_set.first.fill_(3e4)
+        level_set.raw_gaps.copy_(torch.tensor([-1e30, 1e30, -1e30]))
+    assert (level_set.values.diff() > 0).all()
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ([1.0, -1.0], "sorted in increasing order"),
+        ([-1.0, 0.0, 0.0, 1.0], "must not contain duplicate values"),
+        ([-1.0, math.nan, 1.0], "must be finite"),
+        ([-1.0, math.inf], "must be finite"),
+        ([-math.inf, 1.0], "must be finite"),
+        ([1.0], "at least two values"),
+        ([], "at least two values"),
+        ([[-1.0, 1.0]], "must be one-dimensional"),
+    ],
+    ids=["unsorted", "duplicate", "nan", "inf", "-inf", "one", "empty", "2d"],
+)
+@pytest.mark.parametrize("constructor", [levels.from_values, levels.learnable, LevelSet])
+def test_bad_values_are_rejected(constructor, values, message):
+    with pytest.raises(ValueError, match=message):
+        constructor(values)
+
+
+def test_check_levels_needs_a_tensor():
+    with pytest.raises(ValueError, match="levels must be a torch.Tensor"):
+        check_levels([-1.0, 1.0])
+    values = torch.tensor([-1.0, 2.0])
+    assert check_levels(values) is values
+
+
+@pytest.mark.parametrize("bits", [0, -1, 1.5, True, "2"])
+def test_uniform_needs_a_positive_integer_number_of_bits(bits):
+    with pytest.raises(ValueError, match="bits must be a positive integer"):
+        levels.uniform(bits)
+
+
+def test_learnable_min_gap_is_checked():
+    with pytest.raises(ValueError, match="min_gap must be at least"):
+        levels.learnable([-1.0, 1.0], min_gap=0.0)
+    with pytest.raises(ValueError, match=r"more than min_gap \* max\(1, \|v_k\|\) apart"):
+        levels.learnable([-1.0, -0.9995, 1.0])
+    with pytest.raises(ValueError, match=r"more than min_gap \* max\(1, \|v_k\|\) apart"):
+        levels.learnable([100.0, 100.05])  # 0.05 < 1e-3 * 100
