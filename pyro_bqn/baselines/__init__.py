@@ -8,7 +8,10 @@ predictive helper (:func:`predict_proba`):
   estimator (:func:`train_ste`);
 * :func:`fit_ensemble` — E-QNN, a bootstrap ensemble of STE networks;
 * :class:`BayesBiNN` — the Bayesian learning rule for binary weights
-  (:func:`bayesbinn_mlp`, :func:`train_bayesbinn`, :func:`bayesbinn_predict_proba`).
+  (:func:`bayesbinn_mlp`, :func:`train_bayesbinn`, :func:`bayesbinn_predict_proba`);
+* :class:`GaussianBNN` — a Gaussian mean-field Bayesian network with real weights, written
+  in Pyro (:class:`AutoNormalAnalyticKL`, :func:`train_gaussian_bnn`,
+  :func:`gaussian_bnn_predict_proba`).
 """
 
 from pyro_bqn.baselines.bayesbinn import (
@@ -20,6 +23,12 @@ from pyro_bqn.baselines.bayesbinn import (
 )
 from pyro_bqn.baselines.ensemble import QuantizedEnsemble, fit_ensemble
 from pyro_bqn.baselines.float_mlp import float_mlp
+from pyro_bqn.baselines.gaussian_bnn import (
+    AutoNormalAnalyticKL,
+    GaussianBNN,
+    gaussian_bnn_predict_proba,
+    train_gaussian_bnn,
+)
 from pyro_bqn.baselines.mlp import MLP, LogitScale
 from pyro_bqn.baselines.ste import (
     SignSTE,
@@ -35,7 +44,9 @@ from pyro_bqn.baselines.training import predict_proba, train
 
 __all__ = [
     "MLP",
+    "AutoNormalAnalyticKL",
     "BayesBiNN",
+    "GaussianBNN",
     "LogitScale",
     "QuantizedEnsemble",
     "STELinear",
@@ -46,6 +57,7 @@ __all__ = [
     "export_quantized_weights",
     "fit_ensemble",
     "float_mlp",
+    "gaussian_bnn_predict_proba",
     "predict_proba",
     "quantize_ste",
     "sign_ste",
@@ -53,5 +65,6 @@ __all__ = [
     "ste_mlp",
     "train",
     "train_bayesbinn",
+    "train_gaussian_bnn",
     "train_ste",
 ]
