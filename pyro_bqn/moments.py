@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["Moments", "SiteMoments", "MomentRuleError", "as_moments", "split_moments"]
+__all__ = [
+    "Moments",
+    "SiteMoments",
+    "MomentRuleError",
+    "as_moments",
+    "moments_of",
+    "split_moments",
+]
 
 _HINT = (
     "pyro_bqn propagates means and variances here, and this operation has no analytic "
@@ -50,11 +57,15 @@ class Moments:
 
     :param mean: tensor of any shape ``S``.
     :param var: tensor broadcastable to ``S``; non-negative.
+    :param second_moment: ``E[x^2]`` when the caller has it already (it saves recomputing
+        ``var + mean^2`` on large weight tensors); shape ``S``.
     """
 
-    __slots__ = ("mean", "var")
+    __slots__ = ("mean", "var", "_second_moment")
 
-    def __init__(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+    def __init__(
+        self, mean: torch.Tensor, var: torch.Tensor, second_moment: torch.Tensor | None = None
+    ) -> None:
         if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
             raise TypeError(
                 "Moments(mean, var) needs two tensors, got "
@@ -64,6 +75,7 @@ class Moments:
             var = var.expand(mean.shape)
         self.mean = mean
         self.var = var
+        self._second_moment = second_moment
 
     @property
     def shape(self) -> torch.Size:
@@ -78,7 +90,9 @@ class Moments:
     @property
     def second_moment(self) -> torch.Tensor:
         """``E[x^2] = var + mean^2``, same shape as :attr:`mean`."""
-        return self.var + self.mean.square()
+        if self._second_moment is None:
+            return self.var + self.mean.square()
+        return self._second_moment
 
     def reshape(self, *shape: int) -> Moments:
         """Reshape mean and variance alike (a reshape moves entries, it mixes none)."""
@@ -128,12 +142,16 @@ class SiteMoments(torch.Tensor):
     moments: Moments
 
     @staticmethod
-    def __new__(cls, mean: torch.Tensor, var: torch.Tensor) -> SiteMoments:
+    def __new__(
+        cls, mean: torch.Tensor, var: torch.Tensor, second_moment: torch.Tensor | None = None
+    ) -> SiteMoments:
         obj = torch.Tensor._make_subclass(cls, mean.detach(), False)
-        obj.moments = Moments(mean, var)
+        obj.moments = Moments(mean, var, second_moment)
         return obj
 
-    def __init__(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+    def __init__(
+        self, mean: torch.Tensor, var: torch.Tensor, second_moment: torch.Tensor | None = None
+    ) -> None:
         pass
 
     @classmethod
@@ -150,6 +168,13 @@ class SiteMoments(torch.Tensor):
             "SiteMoments is a transient value of DeterministicELBO; "
             "it cannot be pickled or deep-copied"
         )
+
+
+def moments_of(x: torch.Tensor | Moments | SiteMoments) -> Moments | None:
+    """The :class:`Moments` ``x`` carries, or ``None`` for a fixed tensor."""
+    if isinstance(x, SiteMoments):
+        return x.moments
+    return x if isinstance(x, Moments) else None
 
 
 def split_moments(

@@ -30,12 +30,26 @@ def _check_same_levels(
         )
 
 
-def _categorical_kl(q_probs: torch.Tensor, q_logits: torch.Tensor, p_probs: torch.Tensor,
-                    p_logits: torch.Tensor) -> torch.Tensor:
+def _log_prior(log_p: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``log_p`` with ``-inf`` where ``p == 0`` (torch clamps the logits of zero
+    probabilities to a finite value). The zero test reads the storage behind an expanded
+    prior, not its weight-sized view, so the common case costs nothing."""
+    base = p if p._base is None else p._base
+    if not (base == 0).any():
+        return log_p
+    return torch.where(p == 0, -math.inf, log_p)
+
+
+def _categorical_kl(q: QuantizedCategorical, log_p: torch.Tensor) -> torch.Tensor:
     """``sum_k q_k (log q_k - log p_k)``, with ``0 log 0 = 0`` and ``+inf`` where
-    ``p_k = 0 < q_k``; shape ``broadcast(q_probs, p_probs).shape[:-1]``."""
-    terms = q_probs * (q_logits - p_logits)
-    terms = torch.where(p_probs == 0, math.inf, terms)
+    ``p_k = 0 < q_k``; shape ``broadcast(q.batch_shape, log_p.shape[:-1])``."""
+    q_probs = q.probs
+    kl = (q_probs * (q.logits - log_p)).sum(-1)
+    # NaN and inf survive summation, so one scalar test stands for a pass over every term;
+    # only then are the 0 log 0 terms (0 * inf = NaN above) set to zero.
+    if torch.isfinite(kl.sum()):
+        return kl
+    terms = q_probs * (q.logits - log_p)
     return torch.where(q_probs == 0, 0.0, terms).sum(-1)
 
 
@@ -43,7 +57,7 @@ def _categorical_kl(q_probs: torch.Tensor, q_logits: torch.Tensor, p_probs: torc
 def _kl_quantized_quantized(q: QuantizedCategorical, p: QuantizedCategorical) -> torch.Tensor:
     """``KL(q || p) = sum_k q_k log(q_k / p_k)``; the levels must match."""
     _check_same_levels(q, p)
-    return _categorical_kl(q.probs, q.logits, p.probs, p.logits)
+    return _categorical_kl(q, _log_prior(p.logits, p.probs))
 
 
 @register_kl(QuantizedCategorical, MultipleSpikeAndSlab)
@@ -58,4 +72,4 @@ def _kl_quantized_spike_and_slab(q: QuantizedCategorical, p: MultipleSpikeAndSla
     weights.
     """
     _check_same_levels(q, p)
-    return _categorical_kl(q.probs, q.logits, p.spike_probs, p.spike_probs.log())
+    return _categorical_kl(q, p.spike_probs.log())

@@ -8,6 +8,7 @@ from torch.distributions.utils import lazy_property
 
 from pyro_bqn.distributions.relaxed_value import soft_onehot_of
 from pyro_bqn.levels import LevelSet, check_levels
+from pyro_bqn.moments import Moments
 
 __all__ = ["QuantizedCategorical", "LevelSupport", "resolve_levels"]
 
@@ -80,7 +81,11 @@ class QuantizedCategorical(TorchDistribution):
                 "probs must be non-negative and sum to one over the last dimension (the K "
                 f"levels); got sums {probs.detach().sum(-1).flatten()[:5].tolist()}"
             )
-        self._categorical = Categorical(logits=logits, probs=probs, validate_args=validate_args)
+        self._categorical = Categorical(logits=logits, probs=probs, validate_args=False)
+        if logits is not None:
+            # exp of the normalised logits is one elementwise pass; torch's softmax over a
+            # last dimension of size K ~ 3 is several times slower on weight-sized tensors.
+            self._categorical.__dict__["probs"] = self._categorical.logits.exp()
         super().__init__(self._categorical.batch_shape, validate_args=validate_args)
 
     @constraints.dependent_property(is_discrete=True, event_dim=0)
@@ -168,6 +173,19 @@ class QuantizedCategorical(TorchDistribution):
         """``Var[w] = sum_k p_k (v_k - E[w])^2`` in centred form (never negative)."""
         centred = self.levels - self.mean.unsqueeze(-1)
         return (self.probs * centred.square()).sum(-1)
+
+    def moments(self) -> Moments:
+        """``E[w]``, ``Var[w]`` and ``E[w^2]`` from one product ``p @ [v, v^2]``, shape
+        ``batch_shape`` each.
+
+        The variance is ``max(E[w^2] - E[w]^2, 0)``: on large weight tensors this is one
+        pass instead of the centred form's several, and the clamp only absorbs rounding
+        (of order ``eps * max v_k^2``). Use :attr:`variance` when that rounding matters.
+        """
+        powers = torch.stack([self.levels, self.levels.square()], dim=-1)
+        both = self.probs @ powers
+        mean, second = both[..., 0], both[..., 1]
+        return Moments(mean, (second - mean.square()).clamp_min(0.0), second)
 
     @property
     def mode(self) -> torch.Tensor:

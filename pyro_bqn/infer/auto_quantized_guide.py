@@ -36,6 +36,10 @@ class AutoQuantizedGuide(AutoGuide):
     * A real-valued continuous site (e.g. a bias) gets ``Normal(loc, scale)`` — the KL to a
       Normal prior is analytic.
 
+    The logits of site ``name`` are the parameter ``guide.logits.<name>``, stored
+    level-major with shape ``(K,) + weight_shape`` (reductions over the levels are then
+    contiguous); :meth:`site_logits` gives the ``weight_shape + (K,)`` view.
+
     Logits start from ``theta_k = -(w_0 - v_k)^2 / (2 init_scale^2)`` around a float weight
     ``w_0``: drawn uniformly on ``[v_1, v_K]`` (seed with :func:`pyro.set_rng_seed`), or taken
     from ``init_weights`` (e.g. a trained float network's weights, in the levels' units).
@@ -122,6 +126,9 @@ class AutoQuantizedGuide(AutoGuide):
                     base.level_set if base.level_set is not None else base.levels.detach()
                 )
                 init = self._init_logits(name, site["value"], base.levels.detach())
+                # Stored level-major, (K,) + weight shape: reductions over the K levels then
+                # add K contiguous slices instead of striding through (..., K) triples.
+                init = init.movedim(-1, 0).contiguous()
                 deep_setattr(self.logits, name, PyroParam(init, constraints.real, fn.event_dim))
             elif base.support is constraints.real:
                 loc = self.init_weights.get(name, torch.zeros_like(site["value"]))
@@ -170,11 +177,16 @@ class AutoQuantizedGuide(AutoGuide):
                 if self.straight_through
                 else relaxed.RelaxedQuantizedCategorical
             )
-            logits = attrgetter(name)(self.logits)
+            logits = self.site_logits(name)
             base = cls(self._level_values(name), self.temperature, logits=logits)
         else:
             base = self.exact_posterior(name)
         return base.to_event(self._event_dims[name])
+
+    def site_logits(self, name: str) -> torch.Tensor:
+        """Posterior logits of quantized site ``name``, shape ``weight_shape + (K,)`` (a view
+        of the level-major parameter ``guide.logits.<name>`` of shape ``(K,) + weight_shape``)."""
+        return attrgetter(name)(self.logits).movedim(0, -1)
 
     @property
     def quantized_sites(self) -> list[str]:
@@ -186,8 +198,13 @@ class AutoQuantizedGuide(AutoGuide):
         a :class:`~pyro_bqn.distributions.QuantizedCategorical` with batch shape equal to
         the weight's shape, or a ``Normal`` for a continuous site."""
         if name in self._levels:
-            logits = attrgetter(name)(self.logits)
-            return QuantizedCategorical(self._level_values(name), logits=logits)
+            logits = self.site_logits(name)
+            # The logits are this guide's own unconstrained parameters; re-validating them
+            # costs several passes over every weight per step. DeterministicELBO refuses a
+            # NaN loss instead.
+            return QuantizedCategorical(
+                self._level_values(name), logits=logits, validate_args=False
+            )
         return dist.Normal(attrgetter(name)(self.locs), attrgetter(name)(self.scales))
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:

@@ -111,6 +111,11 @@ class DeterministicELBO(ELBO):
         """``-(E_q[log p(y|.)] - kl_weight * KL)``, a differentiable scalar."""
         terms = self.terms(model, guide, *args, **kwargs)
         self.last_terms = {key: value.item() for key, value in terms.items()}
+        if math.isnan(self.last_terms["elbo"]):
+            raise ValueError(
+                f"DeterministicELBO is NaN (terms {self.last_terms}): a parameter or an input "
+                "holds NaN, or the learning rate is too large"
+            )
         return -terms["elbo"]
 
     def loss(self, model, guide, *args, **kwargs) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pyro.distributions import Independent
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 
@@ -12,7 +13,9 @@ __all__ = ["MomentMessenger"]
 
 class MomentMessenger(Messenger):
     """Sets every latent sample site's value to :class:`~pyro_bqn.SiteMoments` built from
-    its distribution's ``mean`` and ``variance``, so nothing is sampled.
+    its distribution's ``moments()`` (where it has them, e.g.
+    :class:`~pyro_bqn.distributions.QuantizedCategorical`) or ``mean`` and ``variance``, so
+    nothing is sampled.
 
     Wrap a guide with it and replay the model against the resulting trace: quantized layers
     then receive the posterior moments of their weights and propagate means and variances.
@@ -26,6 +29,12 @@ class MomentMessenger(Messenger):
         if msg["is_observed"] or msg["value"] is not None:
             return
         fn = msg["fn"]
+        base = fn.base_dist if isinstance(fn, Independent) else fn
+        if hasattr(base, "moments"):
+            moments = base.moments()
+            msg["value"] = SiteMoments(moments.mean, moments.var, moments.second_moment)
+            msg["infer"] = {**msg["infer"], "moments": True}
+            return
         try:
             mean, var = fn.mean, fn.variance
         except NotImplementedError as error:

@@ -11,7 +11,7 @@ from pyro.nn import PyroModule, PyroSample
 
 from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical
 from pyro_bqn.levels import LevelSet, from_values, ternary
-from pyro_bqn.moments import Moments, SiteMoments, split_moments
+from pyro_bqn.moments import Moments, SiteMoments, moments_of, split_moments
 
 __all__ = ["QuantizedLayer", "propagate", "VARIANCE_FLOOR"]
 
@@ -40,17 +40,18 @@ def propagate(
     so a fixed input costs two products and fixed input *and* weights one (the ordinary
     layer, returning a plain tensor).
     """
-    x_mean, x_var = split_moments(x)
-    w_mean, w_var = split_moments(weight)
+    x_moments, w_moments = moments_of(x), moments_of(weight)
+    x_mean = x if x_moments is None else x_moments.mean
+    w_mean = weight if w_moments is None else w_moments.mean
     mean = op(x_mean, w_mean)
-    if x_var is None and w_var is None:
+    if x_moments is None and w_moments is None:
         return mean
     var = torch.zeros_like(mean)
-    if w_var is not None:
-        var = var + op(x_mean.square(), w_var)
-    if x_var is not None:
-        w_second = w_mean.square() if w_var is None else w_mean.square() + w_var
-        var = var + op(x_var, w_second)
+    if w_moments is not None:
+        var = var + op(x_mean.square(), w_moments.var)
+    if x_moments is not None:
+        w_second = w_mean.square() if w_moments is None else w_moments.second_moment
+        var = var + op(x_moments.var, w_second)
     return Moments(mean, var.clamp_min(VARIANCE_FLOOR))
 
 
