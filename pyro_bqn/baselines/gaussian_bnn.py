@@ -40,13 +40,12 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.nn import PyroModule, PyroSample
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import Message
 from torch import nn
 from tqdm.auto import tqdm
 
 from pyro_bqn.baselines._checks import check_data, check_positive_int
 from pyro_bqn.baselines.mlp import check_sizes
+from pyro_bqn.infer.scale_latents import ScaleLatentsMessenger
 
 __all__ = [
     "AutoNormalAnalyticKL",
@@ -161,23 +160,6 @@ class AutoNormalAnalyticKL(AutoNormal):
         return result
 
 
-class _ScaleLatents(Messenger):
-    """Multiplies the scale of every unobserved sample site by ``scale``.
-
-    Applied to both model and guide it turns the KL term into ``scale · KL(q ‖ p)``, whether
-    the ELBO computes it in closed form (weighted by the guide site's scale) or by Monte Carlo
-    (model site's ``log p`` minus guide site's ``log q``); the likelihood is untouched.
-    """
-
-    def __init__(self, scale: float) -> None:
-        super().__init__()
-        self.scale = scale
-
-    def _process_message(self, msg: Message) -> None:
-        if msg["type"] == "sample" and not msg["is_observed"]:
-            msg["scale"] = self.scale * msg["scale"]
-
-
 def train_gaussian_bnn(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -246,7 +228,7 @@ def train_gaussian_bnn(
         torch.manual_seed(seed)
         model = GaussianBNN(sizes, prior_scale=prior_scale)
         guide = AutoNormalAnalyticKL(model, init_loc_fn=init_to_sample, init_scale=init_scale)
-        scale_kl = _ScaleLatents(kl_weight)
+        scale_kl = ScaleLatentsMessenger(kl_weight)
         svi = SVI(
             scale_kl(model),
             scale_kl(guide),

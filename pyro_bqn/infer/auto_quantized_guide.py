@@ -129,7 +129,7 @@ class AutoQuantizedGuide(AutoGuide):
                 # Stored level-major, (K,) + weight shape: reductions over the K levels then
                 # add K contiguous slices instead of striding through (..., K) triples.
                 init = init.movedim(-1, 0).contiguous()
-                deep_setattr(self.logits, name, PyroParam(init, constraints.real, fn.event_dim))
+                deep_setattr(self.logits, name, PyroParam(init, constraints.real, fn.event_dim + 1))
             elif base.support is constraints.real:
                 loc = self.init_weights.get(name, torch.zeros_like(site["value"]))
                 scale = torch.full_like(site["value"], self.init_loc_scale)

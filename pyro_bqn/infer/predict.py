@@ -12,11 +12,11 @@ from pyro_bqn.infer.checked_replay import CheckedReplayMessenger
 from pyro_bqn.infer.moment_messenger import MomentMessenger
 from pyro_bqn.moments import Moments
 
-__all__ = ["predict", "predictive_distribution"]
+__all__ = ["predict", "predict_by_sampling", "predictive_distribution", "eval_mode"]
 
 
 @contextmanager
-def _eval_mode(model):
+def eval_mode(model):
     """Evaluation mode (batch norm on running statistics) for the duration, then restore."""
     if not isinstance(model, torch.nn.Module):
         yield
@@ -57,7 +57,7 @@ def predictive_distribution(
     :param site: name of the observed site; default: the only site with a moment-aware
         likelihood (:class:`~pyro_bqn.distributions.MomentCategorical`, ...).
     """
-    with _eval_mode(model), poutine.block():
+    with eval_mode(model), poutine.block():
         guide_trace = poutine.trace(MomentMessenger()(guide)).get_trace(*args, **kwargs)
         model_trace = poutine.trace(
             CheckedReplayMessenger(guide_trace, allow_unobserved_likelihoods=True)(model)
@@ -78,3 +78,41 @@ def predict(model, guide, *args, site: str | None = None, **kwargs) -> torch.Ten
     if hasattr(fn, "probs"):
         return fn.probs
     return Moments(fn.mean, fn.variance)
+
+
+@contextmanager
+def _exact_guide(guide):
+    """Draw exact levels even from a guide set to a relaxed temperature."""
+    temperature = getattr(guide, "temperature", None)
+    if temperature is not None:
+        guide.temperature = None
+    try:
+        yield guide
+    finally:
+        if temperature is not None:
+            guide.temperature = temperature
+
+
+@torch.no_grad()
+def predict_by_sampling(
+    model, guide, *args, num_samples: int = 20, site: str | None = None, **kwargs
+) -> torch.Tensor:
+    """Monte Carlo predictive: the observed site's ``probs`` averaged over ``num_samples``
+    discrete networks drawn from the guide, each run in evaluation mode.
+
+    The baseline against which :func:`predict`'s analytic predictive is measured. Draws use
+    torch's global generator (seed it with :func:`pyro.set_rng_seed`).
+
+    :return: averaged probabilities, the shape of the site's ``probs`` (``(N, C)`` for a
+        categorical site).
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    total = None
+    with eval_mode(model), poutine.block(), _exact_guide(guide):
+        for _ in range(num_samples):
+            weights = guide(*args, **kwargs)
+            trace = poutine.trace(poutine.condition(model, data=weights)).get_trace(*args, **kwargs)
+            probs = trace.nodes[_observed_site_name(trace, site)]["fn"].probs
+            total = probs if total is None else total + probs
+    return total / num_samples
