@@ -14,6 +14,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
 
+from pyro_bqn.distributions import relaxed_quantized_categorical as relaxed
 from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical
 from pyro_bqn.levels import LevelSet
 
@@ -131,7 +132,8 @@ class AutoQuantizedGuide(AutoGuide):
                 init = init.movedim(-1, 0).contiguous()
                 deep_setattr(self.logits, name, PyroParam(init, constraints.real, fn.event_dim + 1))
             elif base.support is constraints.real:
-                loc = self.init_weights.get(name, torch.zeros_like(site["value"]))
+                loc = self._init_weight(name, site["value"])
+                loc = torch.zeros_like(site["value"]) if loc is None else loc
                 scale = torch.full_like(site["value"], self.init_loc_scale)
                 deep_setattr(
                     self.locs, name, PyroParam(loc.detach().clone(), constraints.real, fn.event_dim)
@@ -149,17 +151,23 @@ class AutoQuantizedGuide(AutoGuide):
         if unknown:
             raise ValueError(f"init_weights names sites the model does not have: {sorted(unknown)}")
 
+    def _init_weight(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
+        """``init_weights[name]`` checked against the site's value, or ``None``."""
+        if name not in self.init_weights:
+            return None
+        w0 = torch.as_tensor(self.init_weights[name], dtype=value.dtype)
+        if w0.shape != value.shape:
+            raise ValueError(
+                f"init_weights['{name}'] must have shape {tuple(value.shape)}, "
+                f"got {tuple(w0.shape)}"
+            )
+        if not torch.isfinite(w0).all():
+            raise ValueError(f"init_weights['{name}'] must be finite")
+        return w0
+
     def _init_logits(self, name: str, value: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        if name in self.init_weights:
-            w0 = torch.as_tensor(self.init_weights[name], dtype=levels.dtype)
-            if w0.shape != value.shape:
-                raise ValueError(
-                    f"init_weights['{name}'] must have shape {tuple(value.shape)}, "
-                    f"got {tuple(w0.shape)}"
-                )
-            if not torch.isfinite(w0).all():
-                raise ValueError(f"init_weights['{name}'] must be finite")
-        else:
+        w0 = self._init_weight(name, value.to(levels.dtype))
+        if w0 is None:
             w0 = levels[0] + (levels[-1] - levels[0]) * torch.rand(value.shape, dtype=levels.dtype)
         return -(w0.unsqueeze(-1) - levels).square() / (2 * self.init_scale**2)
 
@@ -170,8 +178,6 @@ class AutoQuantizedGuide(AutoGuide):
     def get_posterior(self, name: str) -> dist.TorchDistribution:
         """The posterior of site ``name`` as a distribution with the site's event dims."""
         if name in self._levels and self.temperature is not None:
-            from pyro_bqn.distributions import relaxed_quantized_categorical as relaxed
-
             cls = (
                 relaxed.RelaxedQuantizedCategoricalStraightThrough
                 if self.straight_through

@@ -4,6 +4,8 @@ from pyro_bqn.nn.batch_norm import BatchNorm1d, BatchNorm2d
 from pyro_bqn.nn.flatten import Flatten
 from pyro_bqn.nn.pooling import AvgPool2d, MaxPool2d
 from pyro_bqn.nn.quantized_activation import QuantizedActivation, Sign
+from pyro_bqn.nn.quantized_conv import QuantizedConv2d
+from pyro_bqn.nn.quantized_linear import QuantizedLinear
 from pyro_bqn.nn.relu import ReLU
 from pyro_bqn.nn.temperature import Temperature
 
@@ -14,6 +16,8 @@ __all__ = [
     "Flatten",
     "MaxPool2d",
     "QuantizedActivation",
+    "QuantizedConv2d",
+    "QuantizedLinear",
     "ReLU",
     "Sign",
     "Temperature",
