@@ -1,27 +1,6 @@
-import contextlib
-from collections.abc import Iterator
-
 import pytest
 import torch
 from sklearn.datasets import load_digits
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run on one intra-op thread: the networks here are tiny, and on a shared 2-core machine
-    torch's thread pool spins against other processes and slows them down tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="session")

@@ -2,22 +2,21 @@ import pytest
 import torch
 
 from pyro_bqn.baselines import QuantizedEnsemble, fit_ensemble, predict_proba, ste_mlp
-from tests.baselines.conftest import accuracy, one_thread
+from tests.baselines.conftest import accuracy
 
 
 @pytest.fixture(scope="module")
 def ensemble(digits) -> QuantizedEnsemble:
-    with one_thread():  # module fixtures are set up before the autouse single_thread
-        return fit_ensemble(
-            digits["x"],
-            digits["y"],
-            [64, 64, 10],
-            num_members=3,
-            seed=1,
-            epochs=6,
-            batch_size=64,
-            progress=False,
-        )
+    return fit_ensemble(
+        digits["x"],
+        digits["y"],
+        [64, 64, 10],
+        num_members=3,
+        seed=1,
+        epochs=6,
+        batch_size=64,
+        progress=False,
+    )
 
 
 def test_ensemble_learns_digits(ensemble, digits):

@@ -35,16 +35,6 @@ pytestmark = [
 N, D, C = 40, 5, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors are tiny: on a shared 2-core machine torch's thread pool costs
-    # milliseconds per operation in synchronisation, far more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Classifier(PyroModule):
     """One quantized layer plus a latent per-class ``offset`` that belongs to no layer."""
 

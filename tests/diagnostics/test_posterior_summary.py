@@ -24,16 +24,6 @@ from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO
 from pyro_bqn.nn.quantized_linear import QuantizedLinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors are tiny: on a shared 2-core machine torch's thread pool costs
-    # milliseconds per operation in synchronisation, far more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TwoLayer(PyroModule):
     """fc1: binary weights of shape (2, 2); fc2: ternary weights of shape (2, 2)."""
 

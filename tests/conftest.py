@@ -1,0 +1,14 @@
+"""Suite-wide test settings."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The tensors in tests are tiny: torch's thread pool costs more in synchronisation on a
+    # shared 2-core machine than the work it splits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
