@@ -1,7 +1,9 @@
 """pyro_bqn: sampling-free Bayesian quantized neural networks for Pyro."""
 
 from pyro_bqn import data, diagnostics, distributions, infer, levels, nn
+from pyro_bqn.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bqn.diagnostics import to_inference_data
+from pyro_bqn.export import QuantizedNetwork, export_network
 from pyro_bqn.infer import (
     AutoQuantizedGuide,
     DeterministicELBO,
@@ -24,15 +26,19 @@ __all__ = [
     "QuantizedConv2d",
     "QuantizedLinear",
     "QuantizedMLP",
+    "QuantizedNetwork",
     "SiteMoments",
     "data",
     "diagnostics",
     "distributions",
+    "export_network",
     "fit",
     "infer",
     "levels",
+    "load_checkpoint",
     "nn",
     "predict",
     "predict_by_sampling",
+    "save_checkpoint",
     "to_inference_data",
 ]

@@ -72,8 +72,8 @@ def reliability_diagram(
         confidence[filled] - accuracy[filled],
         bottom=accuracy[filled],
         width=width,
-        color="tab:red",
-        alpha=0.3,
+        # Unfilled: an under-confident gap lies inside the accuracy bar and must not hide it.
+        facecolor="none",
         edgecolor="tab:red",
         hatch="//",
         linewidth=0.6,
@@ -102,7 +102,7 @@ def reliability_diagram(
 
     handles, labels = ax.get_legend_handles_labels()
     count_handles, count_labels = count_ax.get_legend_handles_labels()
-    ax.legend(handles + count_handles, labels + count_labels, loc="upper left", fontsize="small")
+    count_ax.legend(handles + count_handles, labels + count_labels, loc="best", fontsize="small")
     return ax.figure
 
 

@@ -6,6 +6,7 @@ from pyro_bqn.nn.pooling import AvgPool2d, MaxPool2d
 from pyro_bqn.nn.quantized_activation import QuantizedActivation, Sign
 from pyro_bqn.nn.quantized_conv import QuantizedConv2d
 from pyro_bqn.nn.quantized_linear import QuantizedLinear
+from pyro_bqn.nn.recalibrate import reestimate_batch_norm
 from pyro_bqn.nn.relu import ReLU
 from pyro_bqn.nn.temperature import Temperature
 
@@ -21,4 +22,5 @@ __all__ = [
     "ReLU",
     "Sign",
     "Temperature",
+    "reestimate_batch_norm",
 ]

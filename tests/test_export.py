@@ -1,0 +1,257 @@
+import math
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro import poutine
+
+from pyro_bqn import levels as qlevels
+from pyro_bqn.checkpoint import save_checkpoint
+from pyro_bqn.export import (
+    PackedSite,
+    QuantizedNetwork,
+    export_network,
+    index_bits,
+    pack_indices,
+    unpack_indices,
+)
+from pyro_bqn.models import QuantizedMLP
+from tests.trained_mlp import SIZES, trained_mlp
+
+LEVEL_SETS = {
+    "binary": (qlevels.binary, 1),
+    "ternary": (qlevels.ternary, 2),
+    "uniform2": (lambda: qlevels.uniform(2), 2),
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_param_store():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def _state(model):
+    return {name: value.clone() for name, value in model.state_dict().items()}
+
+
+def _assert_same_tensors(first, second):
+    assert first.keys() == second.keys()
+    for name in first:
+        assert first[name].dtype == second[name].dtype, name
+        assert torch.equal(first[name], second[name]), name
+
+
+def _conditioned_probs(model, weights, x):
+    """Class probabilities of ``model`` conditioned on ``weights``, evaluation mode."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            trace = poutine.trace(poutine.condition(model, weights)).get_trace(x)
+    finally:
+        model.train()
+    return trace.nodes["obs"]["fn"].probs
+
+
+# --- bit packing --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("num_levels", "bits"), [(2, 1), (3, 2), (4, 2), (5, 3), (8, 3), (9, 4)])
+def test_index_bits(num_levels, bits):
+    assert index_bits(num_levels) == bits
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("count", [0, 1, 7, 13, 100])
+def test_pack_round_trips_in_numpy_packbits_layout(bits, count):
+    gen = torch.Generator().manual_seed(bits * 1000 + count)
+    indices = torch.randint(0, 2**bits, (count,), generator=gen)
+    packed = pack_indices(indices, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (math.ceil(count * bits / 8),)
+    assert torch.equal(unpack_indices(packed, bits, count), indices)
+    # The documented layout: each index MSB first in one bit stream, cut into bytes MSB first.
+    stream = ((indices.numpy()[:, None] >> np.arange(bits - 1, -1, -1)) & 1).astype(np.uint8)
+    expected = np.packbits(stream.reshape(-1), bitorder="big")
+    assert np.array_equal(packed.numpy(), expected)
+
+
+def test_pack_and_unpack_refuse_bad_input():
+    with pytest.raises(ValueError, match="fit 2 bits"):
+        pack_indices(torch.tensor([0, 4]), 2)
+    with pytest.raises(ValueError, match="integer"):
+        pack_indices(torch.tensor([0.0, 1.0]), 2)
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        unpack_indices(torch.zeros(3, dtype=torch.uint8), 2, 5)
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_indices(torch.zeros(2, dtype=torch.int64), 2, 5)
+    with pytest.raises(ValueError, match="at least two levels"):
+        index_bits(1)
+
+
+def test_packed_site_refuses_an_index_beyond_the_levels():
+    packed = pack_indices(torch.tensor([0, 3]), 2)  # code 3 is unused by 3 levels
+    with pytest.raises(ValueError, match="only 3 levels"):
+        PackedSite(packed, qlevels.ternary().values, (2,))
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level_set", LEVEL_SETS)
+def test_export_packs_the_argmax_levels_with_the_expected_size(level_set):
+    make_levels, bits = LEVEL_SETS[level_set]
+    run = trained_mlp(levels=make_levels())
+    network = export_network(run.model, run.guide, run.x)
+    median = run.guide.median()
+
+    assert list(network.quantized) == run.guide.quantized_sites
+    for name, site in network.quantized.items():
+        argmax = run.guide.exact_posterior(name).probs.argmax(-1)
+        assert torch.equal(site.indices(), argmax)
+        assert site.bits == bits
+        assert site.nbytes == math.ceil(argmax.numel() * bits / 8)
+    assert network.bits_per_weight() == dict.fromkeys(network.quantized, bits)
+    _assert_same_tensors(network.weights(), median)
+    assert list(network.continuous) == ["body.4.bias"]
+
+    stored = [s.packed for s in network.quantized.values()]
+    stored += [s.levels for s in network.quantized.values()]
+    stored += [*network.continuous.values(), *network.params.values(), *network.buffers.values()]
+    assert network.size_bytes() == sum(t.numel() * t.element_size() for t in stored)
+
+
+def test_ternary_weights_take_two_bits_each():
+    run = trained_mlp()
+    network = export_network(run.model, run.guide, run.x)
+    site = network.quantized["body.1.weight"]
+    assert site.numel == SIZES[0] * SIZES[1]
+    assert site.nbytes == math.ceil(site.numel * 2 / 8) == 32
+
+
+def test_running_the_network_equals_the_model_conditioned_on_the_median():
+    run = trained_mlp()
+    network = export_network(run.model, run.guide, run.x)
+    before = _state(run.model)
+    probs = network.run(run.model, run.x)
+    assert probs.shape == (run.x.shape[0], SIZES[-1])
+    assert torch.equal(probs, _conditioned_probs(run.model, run.guide.median(), run.x))
+    assert torch.equal(network.distribution(run.model, run.x).probs, probs)
+    # The run leaves the model as it was: state and training flags.
+    _assert_same_tensors(_state(run.model), before)
+    assert all(module.training for module in run.model.modules())
+
+
+def test_save_and_load_round_trip_exactly(tmp_path):
+    run = trained_mlp()
+    network = export_network(run.model, run.guide, run.x, batch_norm_data=run.x)
+    path = tmp_path / "network.pt"
+    network.save(path)
+    loaded = QuantizedNetwork.load(path)
+
+    assert loaded.batch_norm == "reestimated"
+    assert loaded.quantized.keys() == network.quantized.keys()
+    for name, site in network.quantized.items():
+        assert torch.equal(loaded.quantized[name].packed, site.packed)
+        assert torch.equal(loaded.quantized[name].levels, site.levels)
+        assert loaded.quantized[name].shape == site.shape
+    _assert_same_tensors(loaded.weights(), network.weights())
+    for group in ("continuous", "params", "buffers"):
+        _assert_same_tensors(getattr(loaded, group), getattr(network, group))
+    assert torch.equal(loaded.run(run.model, run.x), network.run(run.model, run.x))
+
+
+def test_a_fresh_model_in_a_new_param_store_runs_the_loaded_network_identically(tmp_path):
+    run = trained_mlp()
+    network = export_network(run.model, run.guide, run.x)
+    expected = network.run(run.model, run.x)
+    network.save(tmp_path / "network.pt")
+
+    pyro.clear_param_store()  # as in a new process
+    pyro.set_rng_seed(7)
+    fresh = QuantizedMLP(SIZES)
+    fresh(run.x)  # registers its own (untrained) parameters
+    fresh_state = _state(fresh)
+    probs = QuantizedNetwork.load(tmp_path / "network.pt").run(fresh, run.x)
+    assert torch.equal(probs, expected)
+    _assert_same_tensors(_state(fresh), fresh_state)
+
+
+def test_reestimated_batch_norm_statistics_are_the_networks_own_and_the_model_is_unchanged():
+    run = trained_mlp()
+    before = _state(run.model)
+    network = export_network(run.model, run.guide, run.x, batch_norm_data=run.x)
+    _assert_same_tensors(_state(run.model), before)
+
+    weights = run.guide.median()
+    hidden = run.x @ weights["body.1.weight"].T  # the batch norm's input
+    assert torch.allclose(network.buffers["body.2.running_mean"], hidden.mean(0), atol=1e-6)
+    assert torch.allclose(network.buffers["body.2.running_var"], hidden.var(0), rtol=1e-5)
+    assert network.buffers["body.2.num_batches_tracked"] == 1
+
+    # Running the network uses those statistics: the model with them copied in agrees.
+    with torch.no_grad():
+        for name, buffer in run.model.named_buffers():
+            buffer.copy_(network.buffers[name])
+    assert torch.equal(network.run(run.model, run.x), _conditioned_probs(run.model, weights, run.x))
+
+
+# --- bad inputs -----------------------------------------------------------------------------
+
+
+def test_a_file_that_is_not_a_network_is_refused_naming_the_path(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x96 not a torch file at all")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        QuantizedNetwork.load(garbage)
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.ones(3)}, foreign)
+    with pytest.raises(ValueError, match=r"foreign\.pt.*not a pyro_bqn\.QuantizedNetwork"):
+        QuantizedNetwork.load(foreign)
+
+    run = trained_mlp(steps=1)
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint(checkpoint, run.model, run.guide)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt.*format entry: 'pyro_bqn\.checkpoint'"):
+        QuantizedNetwork.load(checkpoint)
+
+    with pytest.raises(FileNotFoundError):
+        QuantizedNetwork.load(tmp_path / "missing.pt")
+
+
+def test_a_damaged_site_is_refused_naming_the_path_and_the_site(tmp_path):
+    run = trained_mlp(steps=1)
+    export_network(run.model, run.guide, run.x).save(tmp_path / "network.pt")
+    payload = torch.load(tmp_path / "network.pt", weights_only=True)
+    site = payload["quantized"]["body.4.weight"]
+    site["packed"] = site["packed"][:-1]
+    torch.save(payload, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match=r"damaged\.pt.*site 'body\.4\.weight'"):
+        QuantizedNetwork.load(tmp_path / "damaged.pt")
+
+    payload["quantized"] = {}
+    payload["buffers"] = {"body.2.running_mean": [0.0]}
+    torch.save(payload, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match=r"damaged\.pt.*'buffers'"):
+        QuantizedNetwork.load(tmp_path / "damaged.pt")
+
+
+def test_running_on_a_model_that_does_not_fit_names_the_site_parameter_or_buffer():
+    run = trained_mlp(steps=1)
+    network = export_network(run.model, run.guide, run.x)
+    with pytest.raises(ValueError, match=r"site 'body\.1\.weight' expects .*\(4, 16\)"):
+        network.run(QuantizedMLP((16, 4, 3)), run.x)
+    # Same weights, but a ReLU has no level buffer where the Sign activation had one.
+    with pytest.raises(ValueError, match=r"buffer 'body\.3\.levels\._values'"):
+        network.run(QuantizedMLP(SIZES, activation="relu"), run.x)
+    missing_bias = QuantizedNetwork(network.quantized, {}, network.params, network.buffers)
+    with pytest.raises(ValueError, match=r"'body\.4\.bias' has no value"):
+        missing_bias.run(run.model, run.x)
+    with pytest.raises(ValueError, match="no sample site 'nope'"):
+        network.run(run.model, run.x, site="nope")
+    with pytest.raises(ValueError, match="batch_norm must be one of"):
+        QuantizedNetwork(network.quantized, batch_norm="moments")
