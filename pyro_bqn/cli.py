@@ -13,13 +13,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pyro
+import torch
 
 from pyro_bqn import levels as qlevels
-from pyro_bqn.data import DATASET_NAMES, Dataset, load_dataset
+from pyro_bqn.data import DATASET_NAMES, Dataset, load_dataset, shifted_images
 from pyro_bqn.diagnostics import (
     calibration_report,
+    entropy_histogram,
+    mutual_information,
+    ood_auroc,
     plot_posterior_summary,
     posterior_summary,
+    predictive_entropy,
     reliability_diagram,
     save_figure,
 )
@@ -181,6 +186,8 @@ def _fit(args: argparse.Namespace) -> dict:
             sampled, data.y_test, num_bins=args.num_bins
         )
         results["analytic_vs_sampled_mean_abs_prob_diff"] = (probs - sampled).abs().mean().item()
+    if len(data.input_shape) == 3 and args.mc_samples > 1:
+        results["ood"] = _ood(model, guide, data, probs, args.mc_samples, args.output)
     # The most probable network, with batch-norm statistics of its own (the model's were
     # gathered in moment mode), packed at ceil(log2 K) bits per weight.
     network = export_network(model, guide, data.x_train[:2], batch_norm_data=data.x_train)
@@ -193,6 +200,35 @@ def _fit(args: argparse.Namespace) -> dict:
     }
     _write_fit(args.output, results, probs, data, guide, args.num_bins)
     return results
+
+
+def _ood(model, guide, data: Dataset, probs, num_samples: int, output: Path) -> dict:
+    """Tell the test images from the same images rotated by 90 degrees: AUROC of the
+    analytic predictive entropy and of the mutual information over sampled networks."""
+    shifted, _ = shifted_images(data, "rotate90")
+    shifted_probs = predict(model, guide, shifted)
+
+    def sampled(x):
+        return torch.stack(
+            [predict_by_sampling(model, guide, x, num_samples=1) for _ in range(num_samples)]
+        )
+
+    entropy_in, entropy_out = predictive_entropy(probs), predictive_entropy(shifted_probs)
+    output.mkdir(parents=True, exist_ok=True)
+    save_figure(
+        entropy_histogram(
+            {"test": entropy_in, "rotated 90°": entropy_out}, num_classes=data.num_classes
+        ),
+        output / "entropy.png",
+    )
+    return {
+        "shift": "rotate90",
+        "auroc_entropy": ood_auroc(entropy_in, entropy_out),
+        "auroc_mutual_information": ood_auroc(
+            mutual_information(sampled(data.x_test)), mutual_information(sampled(shifted))
+        ),
+        "error_shifted": calibration_report(shifted_probs, data.y_test)["error"],
+    }
 
 
 def _write_fit(output: Path, results: dict, probs, data: Dataset, guide, num_bins: int) -> None:
@@ -221,6 +257,15 @@ def _write_fit(output: Path, results: dict, probs, data: Dataset, guide, num_bin
             "",
             "Mean absolute difference between the analytic and sampled predictive "
             f"probabilities: {results['analytic_vs_sampled_mean_abs_prob_diff']:.4f}.",
+        ]
+    if "ood" in results:
+        ood = results["ood"]
+        lines += [
+            "",
+            "Out-of-distribution detection (test images against the same images rotated by "
+            f"90°): AUROC {ood['auroc_entropy']:.3f} by predictive entropy, "
+            f"{ood['auroc_mutual_information']:.3f} by mutual information "
+            "(see `entropy.png`).",
         ]
     lines += [
         "",
