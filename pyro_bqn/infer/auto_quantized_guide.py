@@ -11,6 +11,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
 
@@ -19,6 +20,12 @@ from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical
 from pyro_bqn.levels import LevelSet
 
 __all__ = ["AutoQuantizedGuide"]
+
+
+def _hide_from_prototype(msg) -> bool:
+    """Pyro's rule, plus: an unobserved moment-aware likelihood (a model run for prediction,
+    ``y=None``) is the model's output, not a latent the guide should cover."""
+    return prototype_hide_fn(msg) or hasattr(msg.get("fn"), "expected_log_prob")
 
 
 def _unwrap(fn: dist.TorchDistribution) -> dist.TorchDistribution:
@@ -63,6 +70,8 @@ class AutoQuantizedGuide(AutoGuide):
     :param straight_through: with a temperature, draw exact levels forward and pass relaxed
         gradients backward (so the prior's ``log_prob`` stays finite and exact).
     """
+
+    _prototype_hide_fn = staticmethod(_hide_from_prototype)
 
     def __init__(
         self,

@@ -57,7 +57,8 @@ def predictive_distribution(
     :param site: name of the observed site; default: the only site with a moment-aware
         likelihood (:class:`~pyro_bqn.distributions.MomentCategorical`, ...).
     """
-    with eval_mode(model), poutine.block():
+    # A relaxed (non-straight-through) posterior has no analytic moments: use the exact one.
+    with eval_mode(model), poutine.block(), _exact_guide(guide):
         guide_trace = poutine.trace(MomentMessenger()(guide)).get_trace(*args, **kwargs)
         model_trace = poutine.trace(
             CheckedReplayMessenger(guide_trace, allow_unobserved_likelihoods=True)(model)

@@ -158,7 +158,8 @@ class QuantizedLayer(PyroModule):
             raise ValueError(
                 f"{type(self).__name__} weight has shape {tuple(weight.shape)}, expected "
                 f"{tuple(self.weight_shape)}: call the layer outside pyro.plate (weights are "
-                "global), and use Predictive(..., parallel=False) to draw networks"
+                "global), and use Predictive(..., parallel=False) to draw networks and "
+                "Trace_ELBO(vectorize_particles=False) to train with several particles"
             )
         return weight
 
