@@ -1,5 +1,6 @@
 """Suite-wide test settings."""
 
+import pyro
 import pytest
 import torch
 
@@ -12,3 +13,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def clean_param_store():
+    """Every test starts from an empty Pyro param store and seeded generators."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()

@@ -10,14 +10,6 @@ from pyro_bqn.models import QuantizedMLP
 from tests.trained_mlp import SIZES, new_optimizer, trained_mlp
 
 
-@pytest.fixture(autouse=True)
-def clean_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def _outputs(model, guide, x, y):
     """The loss, the predictive and the model's buffers: what a round trip must keep."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}

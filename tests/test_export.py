@@ -26,14 +26,6 @@ LEVEL_SETS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def clean_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def _state(model):
     return {name: value.clone() for name, value in model.state_dict().items()}
 

@@ -1,4 +1,3 @@
-import pyro
 import pytest
 import torch
 from pyro import poutine
@@ -10,14 +9,6 @@ from pyro_bqn.infer import AutoQuantizedGuide, MomentMessenger, predict
 from pyro_bqn.models import QuantizedMLP
 from pyro_bqn.moments import Moments
 from pyro_bqn.nn.quantized_linear import QuantizedLinear
-
-
-@pytest.fixture(autouse=True)
-def clean_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
 
 
 def _weights(model):

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pyro
 import pytest
 import torch
 from pyro.distributions import TorchDistribution
@@ -183,9 +182,3 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for marker in metafunc.definition.iter_markers("cases"):
         cases = [case for case in cases if all(getattr(case, flag) for flag in marker.args)]
     metafunc.parametrize("case", cases, ids=str)
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    pyro.set_rng_seed(0)
-    pyro.clear_param_store()

@@ -20,12 +20,6 @@ NUM_SAMPLES = 4_000
 Z = 5.0  # tolerance in standard errors
 
 
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    pyro.set_rng_seed(0)
-    pyro.clear_param_store()
-
-
 def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_subclass(torch.Tensor).detach().clone()
 

@@ -25,14 +25,6 @@ SIZES = (5, 4, 3)
 W0, W1, B1 = "body.0.weight", "body.3.weight", "body.3.bias"
 
 
-@pytest.fixture(autouse=True)
-def clean_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def _setup(n=32, **guide_kwargs):
     x, y = linear_classes(n, SIZES[0], SIZES[-1], seed=1)
     model = Classifier(SIZES)

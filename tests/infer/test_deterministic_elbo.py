@@ -15,14 +15,6 @@ from pyro_bqn.nn.quantized_linear import QuantizedLinear
 from tests.infer.models import Classifier, linear_classes
 
 
-@pytest.fixture(autouse=True)
-def clean_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def _setup(sizes=(5, 4, 3), n=32):
     x, y = linear_classes(n, sizes[0], sizes[-1], seed=1)
     model = Classifier(sizes)

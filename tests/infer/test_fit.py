@@ -13,14 +13,6 @@ SIZES = (6, 16, 3)
 LOGITS = "AutoQuantizedGuide.logits.body.1.weight"
 
 
-@pytest.fixture(autouse=True)
-def clean_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 @pytest.fixture(scope="module")
 def data():
     x, y = linear_classes(400, SIZES[0], SIZES[-1], seed=2)

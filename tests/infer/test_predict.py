@@ -21,14 +21,6 @@ from tests.infer.models import Classifier, Regressor, linear_classes
 TERNARY = torch.tensor([-1.0, 0.0, 1.0])
 
 
-@pytest.fixture(autouse=True)
-def clean_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def _classifier(sizes=(5, 4, 3), n=32):
     x, y = linear_classes(n, sizes[0], sizes[-1], seed=1)
     model = Classifier(sizes)

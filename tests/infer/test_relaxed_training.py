@@ -18,12 +18,9 @@ QUANTIZED = ("body.0.weight", "body.3.weight")
 
 
 @pytest.fixture(autouse=True)
-def clean_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
+def validation_on():
     with pyro.validation_enabled(True):  # the priors validate the relaxed values they score
         yield
-    pyro.clear_param_store()
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,8 @@
-import pyro
 import pytest
 import torch
 
 from pyro_bqn.nn.recalibrate import reestimate_batch_norm
 from tests.trained_mlp import trained_mlp
-
-
-@pytest.fixture(autouse=True)
-def clean_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
 
 
 @pytest.fixture
