@@ -18,6 +18,7 @@ import torch
 from pyro_bqn import levels as qlevels
 from pyro_bqn.data import DATASET_NAMES, Dataset, load_dataset, shifted_images
 from pyro_bqn.diagnostics import (
+    PosteriorSummaryRecorder,
     calibration_report,
     entropy_histogram,
     mutual_information,
@@ -155,6 +156,7 @@ def _fit(args: argparse.Namespace) -> dict:
     pyro.set_rng_seed(args.seed)
     model = QuantizedMLP(sizes, levels=levels, activation=args.activation)
     guide = AutoQuantizedGuide(model)
+    recorder = PosteriorSummaryRecorder(guide)
     history = fit(
         model,
         guide,
@@ -166,7 +168,10 @@ def _fit(args: argparse.Namespace) -> dict:
         kl_weight=args.kl_weight,
         seed=args.seed,
         progress=not args.no_progress,
+        callback=recorder,
     )
+    args.output.mkdir(parents=True, exist_ok=True)
+    save_figure(recorder.plot(), args.output / "posterior_history.png")
     probs = predict(model, guide, data.x_test)
     report = calibration_report(probs, data.y_test, num_bins=args.num_bins)
     results = {
@@ -273,7 +278,7 @@ def _write_fit(output: Path, results: dict, probs, data: Dataset, guide, num_bin
         f"({results['most_probable_network']['size_bytes']} bytes; load it with "
         "`pyro_bqn.export.QuantizedNetwork.load`).",
         "",
-        "Plots: `reliability.png`, `posterior_summary.png`.",
+        "Plots: `reliability.png`, `posterior_summary.png`, `posterior_history.png`.",
     ]
     (output / "summary.md").write_text("\n".join(lines) + "\n")
 

@@ -244,10 +244,14 @@ class PosteriorSummaryRecorder:
         self.sites = None if sites is None else list(sites)
         self._records: list[xr.Dataset] = []
 
-    def __call__(self, epoch: int | None = None) -> xr.Dataset:
+    def __call__(self, epoch: int | None = None, metrics: dict | None = None) -> xr.Dataset:
         """Summarise the guide now and keep the result under ``epoch``.
 
+        The signature matches :func:`pyro_bqn.fit`'s ``callback(epoch, metrics)``, so a
+        recorder can be passed as ``fit(..., callback=recorder)``.
+
         :param epoch: label of this record; default the number of records so far.
+        :param metrics: the training loop's metrics for the epoch; not used.
         :returns: the summary just recorded (dims ``(site, level)``).
         """
         if epoch is None:

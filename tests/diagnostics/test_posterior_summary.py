@@ -167,3 +167,19 @@ def test_summary_figure(set_guide, tmp_path):
     assert sum(heights) == pytest.approx(2.0, rel=1e-5)
     path = save_figure(figure, tmp_path / "summary.png")
     assert path.stat().st_size > 0
+
+
+def test_recorder_is_a_fit_callback(set_guide, data):
+    from pyro_bqn.diagnostics import PosteriorSummaryRecorder
+    from pyro_bqn.infer import fit
+
+    model, guide = set_guide
+
+    def model_with_num_data(x, y=None, num_data=None):
+        return model(x, y)
+
+    recorder = PosteriorSummaryRecorder(guide)
+    fit(
+        model_with_num_data, guide, *data, epochs=2, batch_size=4, progress=False, callback=recorder
+    )
+    assert list(recorder.to_dataset()["epoch"].values) == [1, 2]
