@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution
 
+from pyro_bqn._state import training_mode
 from pyro_bqn.infer.checked_replay import CheckedReplayMessenger
 from pyro_bqn.infer.moment_messenger import MomentMessenger
 from pyro_bqn.moments import Moments
@@ -15,18 +16,10 @@ from pyro_bqn.moments import Moments
 __all__ = ["predict", "predict_by_sampling", "predictive_distribution", "eval_mode"]
 
 
-@contextmanager
-def eval_mode(model):
-    """Evaluation mode (batch norm on running statistics) for the duration, then restore."""
-    if not isinstance(model, torch.nn.Module):
-        yield
-        return
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+def eval_mode(model) -> AbstractContextManager[None]:
+    """Evaluation mode (batch norm on running statistics) for the duration; afterwards every
+    submodule gets its own training flag back."""
+    return training_mode(model, False)
 
 
 def _observed_site_name(trace: poutine.Trace, site: str | None) -> str:
