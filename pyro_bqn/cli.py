@@ -97,7 +97,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=_positive(int), default=12)
     parser.add_argument("--batch-size", type=_positive(int), default=100)
-    parser.add_argument("--lr", type=_positive(float), default=1e-2)
+    parser.add_argument(
+        "--lr",
+        type=_positive(float),
+        default=0.1,
+        help="learning rate of the posterior logits (default 0.1)",
+    )
     parser.add_argument(
         "--kl-weight",
         type=float,
