@@ -55,7 +55,8 @@ def fit(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not lr > 0 or not 0 < final_lr_fraction <= 1:
         raise ValueError(
-            f"need lr > 0 and 0 < final_lr_fraction <= 1, got {lr}, {final_lr_fraction}"
+            f"need lr > 0 and 0 < final_lr_fraction <= 1, got lr={lr}, "
+            f"final_lr_fraction={final_lr_fraction}"
         )
     elbo = elbo if elbo is not None else DeterministicELBO(kl_weight=kl_weight)
     num_data = x.shape[0]

@@ -103,9 +103,9 @@ def test_the_same_seed_gives_the_same_history(data):
         ({"epochs": 2.5}, r"epochs must be a positive integer, got 2.5"),
         ({"batch_size": 0}, r"batch_size must be a positive integer, got 0"),
         ({"batch_size": "32"}, r"batch_size must be a positive integer, got '32'"),
-        ({"lr": 0.0}, r"need lr > 0 and 0 < final_lr_fraction <= 1, got 0.0, 0.1"),
-        ({"lr": math.nan}, r"need lr > 0 and 0 < final_lr_fraction <= 1, got nan, 0.1"),
-        ({"final_lr_fraction": 1.5}, r"need lr > 0 and 0 < final_lr_fraction <= 1, got 0.01, 1.5"),
+        ({"lr": 0.0}, r"need lr > 0 .* got lr=0.0,"),
+        ({"lr": math.nan}, r"need lr > 0 .* got lr=nan,"),
+        ({"final_lr_fraction": 1.5}, r"need lr > 0 .* final_lr_fraction=1.5"),
     ],
     ids=["epochs-0", "epochs-float", "batch-0", "batch-str", "lr-0", "lr-nan", "lr-fraction"],
 )
