@@ -43,13 +43,13 @@ def bqn_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
     pyro.clear_param_store()
     model = QuantizedMLP(SIZES)
     guide = AutoQuantizedGuide(model)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), DeterministicELBO())
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2, "fused": True}), DeterministicELBO())
     return lambda: svi.step(x, y, num_data=60_000)
 
 
 def float_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
     model = float_mlp(SIZES)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
 
     def step() -> float:
         optimizer.zero_grad()

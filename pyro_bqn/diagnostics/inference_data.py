@@ -341,7 +341,7 @@ def to_inference_data(
     for name, posterior_dist in probs.items():
         level_dim = f"{name}.level"
         coords[level_dim] = posterior_dist.levels.cpu().numpy()
-        constant_data[f"{name}.probs"] = posterior_dist.probs.cpu().numpy()
+        constant_data[f"{name}.probs"] = posterior_dist.probs.detach().cpu().numpy()
         dims[f"{name}.probs"] = [*dims[name], level_dim]
     attrs = {
         "inference_library": "pyro_bqn",

@@ -40,15 +40,36 @@ def _log_prior(log_p: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.where(p == 0, -math.inf, log_p)
 
 
+def _shared_row(log_p: torch.Tensor) -> torch.Tensor | None:
+    """The ``(K,)`` log-probabilities when every batch entry of ``log_p`` shares them (a
+    prior expanded to the weights' shape has zero strides there), else ``None``."""
+    batch = zip(log_p.stride()[:-1], log_p.shape[:-1], strict=True)
+    if any(stride != 0 and size > 1 for stride, size in batch):
+        return None
+    return log_p.reshape(-1, log_p.shape[-1])[0]
+
+
+def _shared_prior_kl(q: QuantizedCategorical, log_p: torch.Tensor) -> torch.Tensor | None:
+    """``sum_k q_k log q_k - sum_k q_k log p_k`` from ``q``'s fused statistics when the prior
+    is the same for every weight (the usual case), else ``None``. A uniform prior makes the
+    second sum the constant ``log p_1``."""
+    row = _shared_row(log_p)
+    if row is None:
+        return None
+    cross = row[0] if bool((row == row[0]).all()) else q.probs @ row.to(q.probs.dtype)
+    shape = torch.broadcast_shapes(q.batch_shape, log_p.shape[:-1])
+    return (q.statistics.neg_entropy - cross).expand(shape)
+
+
 def _categorical_kl(q: QuantizedCategorical, log_p: torch.Tensor) -> torch.Tensor:
     """``sum_k q_k (log q_k - log p_k)``, with ``0 log 0 = 0`` and ``+inf`` where
     ``p_k = 0 < q_k``; shape ``broadcast(q.batch_shape, log_p.shape[:-1])``."""
-    q_probs = q.probs
-    kl = (q_probs * (q.logits - log_p)).sum(-1)
     # NaN and inf survive summation, so one scalar test stands for a pass over every term;
-    # only then are the 0 log 0 terms (0 * inf = NaN above) set to zero.
-    if torch.isfinite(kl.sum()):
+    # only when it fails are the 0 log 0 terms (0 * inf = NaN) worked out term by term.
+    kl = _shared_prior_kl(q, log_p)
+    if kl is not None and torch.isfinite(kl.sum()):
         return kl
+    q_probs = q.probs
     terms = q_probs * (q.logits - log_p)
     return torch.where(q_probs == 0, 0.0, terms).sum(-1)
 

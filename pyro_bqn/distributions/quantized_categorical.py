@@ -6,6 +6,7 @@ import torch
 from pyro.distributions import Categorical, TorchDistribution, constraints
 from torch.distributions.utils import lazy_property
 
+from pyro_bqn.distributions.level_statistics import LevelStatistics, level_statistics
 from pyro_bqn.distributions.relaxed_value import soft_onehot_of
 from pyro_bqn.levels import LevelSet, check_levels
 from pyro_bqn.moments import Moments
@@ -81,12 +82,34 @@ class QuantizedCategorical(TorchDistribution):
                 "probs must be non-negative and sum to one over the last dimension (the K "
                 f"levels); got sums {probs.detach().sum(-1).flatten()[:5].tolist()}"
             )
-        self._categorical = Categorical(logits=logits, probs=probs, validate_args=False)
-        if logits is not None:
-            # exp of the normalised logits is one elementwise pass; torch's softmax over a
-            # last dimension of size K ~ 3 is several times slower on weight-sized tensors.
-            self._categorical.__dict__["probs"] = self._categorical.logits.exp()
-        super().__init__(self._categorical.batch_shape, validate_args=validate_args)
+        self._logits_param, self._probs_param = logits, probs
+        super().__init__(params.shape[:-1], validate_args=validate_args)
+
+    @lazy_property
+    def _categorical(self) -> Categorical:
+        # Built on demand: normalising the parameters over a last dimension of size K ~ 3
+        # takes several passes over every weight, and training needs only `statistics`.
+        return Categorical(logits=self._logits_param, probs=self._probs_param, validate_args=False)
+
+    @lazy_property
+    def statistics(self) -> LevelStatistics:
+        """Mean, variance, ``E[w^2]`` and ``sum_k p_k log p_k``, shape ``batch_shape`` each,
+        computed together.
+
+        From logits this is one fused pass (:func:`level_statistics`), fastest when the
+        logits are stored levels first (``logits.movedim(-1, 0)`` contiguous, as
+        :class:`~pyro_bqn.infer.AutoQuantizedGuide` stores them).
+        """
+        if self._logits_param is not None:
+            return level_statistics(self._logits_param.movedim(-1, 0), self.levels)
+        probs = self.probs
+        mean, second = (probs @ torch.stack([self.levels, self.levels.square()], -1)).unbind(-1)
+        return LevelStatistics(
+            mean,
+            torch.addcmul(second, mean, mean, value=-1.0).clamp_min(0.0),
+            second,
+            torch.special.xlogy(probs, probs).sum(-1),
+        )
 
     @constraints.dependent_property(is_discrete=True, event_dim=0)
     def support(self) -> LevelSupport:
@@ -111,6 +134,10 @@ class QuantizedCategorical(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         new.levels = self.levels
         new.level_set = self.level_set
+        param_shape = batch_shape + (self.num_levels,)
+        for name in ("_logits_param", "_probs_param"):
+            param = getattr(self, name)
+            setattr(new, name, None if param is None else param.expand(param_shape))
         new._categorical = self._categorical.expand(batch_shape)
         super(QuantizedCategorical, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
@@ -161,12 +188,12 @@ class QuantizedCategorical(TorchDistribution):
     @property
     def mean(self) -> torch.Tensor:
         """``E[w] = sum_k p_k v_k``, shape ``batch_shape``."""
-        return self.probs @ self.levels
+        return self.statistics.mean
 
-    @lazy_property
+    @property
     def second_moment(self) -> torch.Tensor:
         """``E[w^2] = sum_k p_k v_k^2``, shape ``batch_shape``."""
-        return self.probs @ self.levels.square()
+        return self.statistics.second_moment
 
     @property
     def variance(self) -> torch.Tensor:
@@ -175,17 +202,15 @@ class QuantizedCategorical(TorchDistribution):
         return (self.probs * centred.square()).sum(-1)
 
     def moments(self) -> Moments:
-        """``E[w]``, ``Var[w]`` and ``E[w^2]`` from one product ``p @ [v, v^2]``, shape
-        ``batch_shape`` each.
+        """``E[w]``, ``Var[w]`` and ``E[w^2]`` from :attr:`statistics`, shape ``batch_shape``
+        each.
 
         The variance is ``max(E[w^2] - E[w]^2, 0)``: on large weight tensors this is one
         pass instead of the centred form's several, and the clamp only absorbs rounding
         (of order ``eps * max v_k^2``). Use :attr:`variance` when that rounding matters.
         """
-        powers = torch.stack([self.levels, self.levels.square()], dim=-1)
-        both = self.probs @ powers
-        mean, second = both[..., 0], both[..., 1]
-        return Moments(mean, (second - mean.square()).clamp_min(0.0), second)
+        stats = self.statistics
+        return Moments(stats.mean, stats.var, stats.second_moment)
 
     @property
     def mode(self) -> torch.Tensor:

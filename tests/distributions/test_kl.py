@@ -150,3 +150,21 @@ def test_kl_is_non_negative_and_finite(logits, prior_logits):
     p = QuantizedCategorical(levels.ternary(), logits=torch.tensor(prior_logits))
     kl = kl_divergence(q, p)
     assert torch.isfinite(kl) and kl >= -1e-6
+
+
+@pytest.mark.parametrize(
+    "prior_logits", [[0.0, 0.0, 0.0], [0.3, -1.0, 0.8]], ids=["uniform", "skewed"]
+)
+def test_kl_to_a_prior_shared_by_every_weight_matches_the_termwise_sum(prior_logits):
+    # An expanded prior takes the fused path (negative entropy minus one cross term).
+    ternary = levels.ternary()
+    logits = _logits(3, 4, 5, seed=16).requires_grad_()
+    q = QuantizedCategorical(ternary, logits=logits.movedim(0, -1))
+    p = QuantizedCategorical(ternary, logits=torch.tensor(prior_logits)).expand((4, 5))
+    kl = kl_divergence(q, p)
+    log_q, log_p = torch.log_softmax(logits, 0), torch.log_softmax(torch.tensor(prior_logits), 0)
+    expected = (log_q.exp() * (log_q - log_p.reshape(3, 1, 1))).sum(0)
+    torch.testing.assert_close(kl, expected)
+    (grad,) = torch.autograd.grad(kl.sum(), logits)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+    torch.testing.assert_close(grad, expected_grad)

@@ -1,0 +1,163 @@
+"""The live state of a model and its guide, shared by :mod:`pyro_bqn.export` and
+:mod:`pyro_bqn.checkpoint`: which tensors a run reads, checked in-place copies into them that
+can be undone, and the checked reading of saved files.
+
+Values are copied *into* the live tensors rather than swapped for new ones: a
+:class:`~pyro.nn.PyroModule` reads an ordinary ``nn.Parameter`` (e.g. a batch norm's
+``weight``) from the module and a :class:`~pyro.nn.PyroParam` from the param store, and the
+two are the same tensor object only as long as nobody replaces either. An in-place copy keeps
+that sharing, so the model, the param store and an optimiser keyed on the tensors agree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from pyro import poutine
+
+__all__ = [
+    "buffers_of",
+    "check_matching",
+    "copy_into",
+    "live_params",
+    "load_payload",
+    "preserved",
+    "training_mode",
+]
+
+PathLike = str | os.PathLike
+
+
+def live_params(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Run ``fn(*args, **kwargs)`` once and return ``{name: tensor}`` of the Pyro params it
+    reads, each the *unconstrained* tensor held by the param store (created there if this
+    is the first run).
+
+    The run is hidden from enclosing handlers, takes no gradients, and draws its random
+    numbers (a guide's samples, an unobserved likelihood site) from a forked generator, so
+    the caller's random stream is untouched.
+    """
+    with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
+        trace = poutine.trace(fn, param_only=True).get_trace(*args, **kwargs)
+    return {
+        name: site["value"].unconstrained()
+        for name, site in trace.nodes.items()
+        if site["type"] == "param"
+    }
+
+
+def buffers_of(module: Any) -> dict[str, torch.Tensor]:
+    """``{name: buffer}`` of a module (every name, also of buffers shared between
+    submodules, so the names match ``state_dict``); ``{}`` for a plain callable."""
+    if not isinstance(module, torch.nn.Module):
+        return {}
+    return dict(module.named_buffers(remove_duplicate=False))
+
+
+def check_matching(
+    live: Mapping[str, torch.Tensor],
+    saved: Mapping[str, torch.Tensor],
+    kind: str,
+    source: str,
+    allow_extra: bool = False,
+) -> None:
+    """Refuse ``saved`` unless it has every entry of ``live`` with the same shape and dtype
+    (and, unless ``allow_extra``, no other entry).
+
+    :param kind: what the entries are (``"parameter"``, ``"buffer"``), for the message.
+    :param source: where ``saved`` comes from (a path, ``"the network"``), for the message.
+    :raises ValueError: naming the first entry that differs.
+    """
+    missing = [name for name in live if name not in saved]
+    if missing:
+        raise ValueError(f"{kind} '{missing[0]}' of the model or guide is missing from {source}")
+    extra = [name for name in saved if name not in live]
+    if extra and not allow_extra:
+        raise ValueError(f"{kind} '{extra[0]}' of {source} is not in the model or guide")
+    for name, tensor in live.items():
+        value = saved[name]
+        if value.shape != tensor.shape or value.dtype != tensor.dtype:
+            raise ValueError(
+                f"{kind} '{name}' is {tuple(tensor.shape)} {tensor.dtype}, but {source} "
+                f"holds {tuple(value.shape)} {value.dtype}"
+            )
+
+
+def copy_into(live: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``values[name]`` into each tensor of ``live`` in place (checked beforehand with
+    :func:`check_matching`)."""
+    with torch.no_grad():
+        for name, tensor in live.items():
+            tensor.copy_(values[name])
+
+
+@contextmanager
+def preserved(live: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Restore the tensors of ``live`` to their current values on exit, even on error."""
+    saved = {name: tensor.detach().clone() for name, tensor in live.items()}
+    try:
+        yield
+    finally:
+        copy_into(live, saved)
+
+
+@contextmanager
+def training_mode(module: Any, mode: bool) -> Iterator[None]:
+    """Put ``module`` in training (``True``) or evaluation mode for the duration, then give
+    every submodule back its own flag (a model may deliberately mix modes)."""
+    if not isinstance(module, torch.nn.Module):
+        yield
+        return
+    flags = [(submodule, submodule.training) for submodule in module.modules()]
+    module.train(mode)
+    try:
+        yield
+    finally:
+        for submodule, flag in flags:
+            submodule.training = flag
+
+
+def load_payload(
+    path: PathLike, file_format: str, version: int, tensor_groups: tuple[str, ...]
+) -> dict[str, Any]:
+    """Read a file written by ``torch.save`` of ``{"format": file_format, "version":
+    version, ...}`` with ``weights_only=True`` (plain containers and tensors, no code).
+
+    :param tensor_groups: keys whose entries must be ``{name: tensor}`` dictionaries.
+    :raises ValueError: naming ``path``, if it is not such a file.
+    :raises OSError: as raised by the file system (e.g. ``FileNotFoundError``).
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # torch.load's many ways of rejecting a foreign file
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a {file_format} file: it cannot be read as a "
+            f"weights-only torch file ({type(error).__name__}: {error})"
+        ) from error
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found != file_format:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a {file_format} file (format entry: {found!r})"
+        )
+    if payload.get("version") != version:
+        raise ValueError(
+            f"{os.fspath(path)!r} is version {payload.get('version')!r} of {file_format}; "
+            f"this pyro_bqn reads version {version}"
+        )
+    for group in tensor_groups:
+        entries = payload.get(group)
+        if not isinstance(entries, dict) or not all(
+            isinstance(name, str) and isinstance(value, torch.Tensor)
+            for name, value in entries.items()
+        ):
+            raise ValueError(
+                f"{os.fspath(path)!r} is a damaged {file_format} file: its {group!r} entry is "
+                "not a dictionary of named tensors"
+            )
+    return payload

@@ -1,0 +1,70 @@
+"""Plain-PyTorch baselines for benchmarking the sampling-free Bayesian quantized network.
+
+All share one MLP shape (:class:`MLP`), one training loop (:func:`train`) and one
+predictive helper (:func:`predict_proba`):
+
+* :func:`float_mlp` — the full-precision network (Linear / BatchNorm / ReLU);
+* :func:`ste_mlp` — a deterministic quantized network trained with the straight-through
+  estimator (:func:`train_ste`);
+* :func:`fit_ensemble` — E-QNN, a bootstrap ensemble of STE networks;
+* :class:`BayesBiNN` — the Bayesian learning rule for binary weights
+  (:func:`bayesbinn_mlp`, :func:`train_bayesbinn`, :func:`bayesbinn_predict_proba`);
+* :class:`GaussianBNN` — a Gaussian mean-field Bayesian network with real weights, written
+  in Pyro (:class:`AutoNormalAnalyticKL`, :func:`train_gaussian_bnn`,
+  :func:`gaussian_bnn_predict_proba`).
+"""
+
+from pyro_bqn.baselines.bayesbinn import (
+    BayesBiNN,
+    bayesbinn_mlp,
+    bayesbinn_predict_proba,
+    split_binary_parameters,
+    train_bayesbinn,
+)
+from pyro_bqn.baselines.ensemble import QuantizedEnsemble, fit_ensemble
+from pyro_bqn.baselines.float_mlp import float_mlp
+from pyro_bqn.baselines.gaussian_bnn import (
+    AutoNormalAnalyticKL,
+    GaussianBNN,
+    gaussian_bnn_predict_proba,
+    train_gaussian_bnn,
+)
+from pyro_bqn.baselines.mlp import MLP, LogitScale
+from pyro_bqn.baselines.ste import (
+    SignSTE,
+    STELinear,
+    clip_latent_weights_,
+    export_quantized_weights,
+    quantize_ste,
+    sign_ste,
+    ste_mlp,
+    train_ste,
+)
+from pyro_bqn.baselines.training import predict_proba, train
+
+__all__ = [
+    "MLP",
+    "AutoNormalAnalyticKL",
+    "BayesBiNN",
+    "GaussianBNN",
+    "LogitScale",
+    "QuantizedEnsemble",
+    "STELinear",
+    "SignSTE",
+    "bayesbinn_mlp",
+    "bayesbinn_predict_proba",
+    "clip_latent_weights_",
+    "export_quantized_weights",
+    "fit_ensemble",
+    "float_mlp",
+    "gaussian_bnn_predict_proba",
+    "predict_proba",
+    "quantize_ste",
+    "sign_ste",
+    "split_binary_parameters",
+    "ste_mlp",
+    "train",
+    "train_bayesbinn",
+    "train_gaussian_bnn",
+    "train_ste",
+]

@@ -1,0 +1,87 @@
+"""E-QNN: a bootstrap ensemble of straight-through-estimator quantized networks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pyro_bqn.baselines._checks import check_data, check_positive_int
+from pyro_bqn.baselines.ste import LevelsLike, ste_mlp, train_ste
+from pyro_bqn.baselines.training import predict_proba
+
+__all__ = ["QuantizedEnsemble", "fit_ensemble"]
+
+
+class QuantizedEnsemble(nn.Module):
+    """An ensemble whose predictive is the average of its members' probabilities.
+
+    ``forward(x)`` returns ``log( (1/M) Σ_m softmax(f_m(x)) )``, shape ``(N, C)``: these are
+    valid logits, because ``softmax`` of the log of a probability vector is that vector, so
+    :func:`~pyro_bqn.baselines.predict_proba` of the ensemble is the probability average.
+
+    :param members: the ``M >= 1`` member networks, each mapping ``(N, ...)`` to ``(N, C)``.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 1:
+            raise ValueError("members must hold at least one network")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([member(x).log_softmax(dim=-1) for member in self.members])
+        # log-mean-exp over members, stable where some member is very confident.
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
+
+    def member_proba(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Every member's probabilities in eval mode, shape ``(M, N, C)``."""
+        return torch.stack([predict_proba(m, x, batch_size) for m in self.members])
+
+
+def fit_ensemble(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sizes: Sequence[int],
+    levels: LevelsLike | None = None,
+    *,
+    num_members: int = 5,
+    seed: int = 0,
+    bootstrap: bool = True,
+    **train_kwargs: Any,
+) -> QuantizedEnsemble:
+    """Train E-QNN: ``num_members`` STE networks, each on its own bootstrap resample.
+
+    Member ``m`` uses seed ``seed + m`` for its initial weights, its resample (``N`` indices
+    drawn with replacement) and its training run, so members differ in all three.
+
+    :param x: inputs ``(N, ...)``; ``y``: labels ``(N,)``.
+    :param sizes: layer widths, see :func:`~pyro_bqn.baselines.ste_mlp`.
+    :param levels: weight levels, see :func:`~pyro_bqn.baselines.ste_mlp`.
+    :param num_members: ensemble size ``M``.
+    :param bootstrap: resample the training set per member (``False``: every member sees
+        all the data and differs only by seed).
+    :param train_kwargs: passed to :func:`~pyro_bqn.baselines.train` (``epochs``,
+        ``batch_size``, ``lr``, ``progress``, ...).
+    """
+    check_data(x, y)
+    check_positive_int(num_members, "num_members")
+    members = []
+    for m in range(num_members):
+        member_seed = seed + m
+        generator = torch.Generator().manual_seed(member_seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(member_seed)
+            member = ste_mlp(sizes, levels)
+        if bootstrap:
+            index = torch.randint(x.shape[0], (x.shape[0],), generator=generator)
+            xm, ym = x[index], y[index]
+        else:
+            xm, ym = x, y
+        kwargs = {"desc": f"E-QNN member {m + 1}/{num_members}", **train_kwargs}
+        train_ste(member, xm, ym, seed=member_seed, **kwargs)
+        members.append(member)
+    return QuantizedEnsemble(members)

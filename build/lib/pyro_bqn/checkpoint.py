@@ -1,0 +1,138 @@
+"""Training checkpoints: save and restore a model, its guide and the optimiser exactly.
+
+**File format** (:func:`save_checkpoint`): ``torch.save`` of a plain dictionary, read back
+with ``torch.load(..., weights_only=True)``::
+
+    {
+        "format": "pyro_bqn.checkpoint",
+        "version": 1,
+        "params": {name: tensor},           # the whole Pyro param store, unconstrained values
+        "model_buffers": {name: tensor},    # e.g. batch-norm running statistics
+        "guide_buffers": {name: tensor},
+        "optimizer": {param name: optimiser state_dict} or None,   # PyroOptim.get_state()
+    }
+
+Constraints are not stored: the model and guide declare them again when they run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.optim import PyroOptim
+
+from pyro_bqn._state import (
+    PathLike,
+    buffers_of,
+    check_matching,
+    copy_into,
+    live_params,
+    load_payload,
+    preserved,
+)
+
+__all__ = ["load_checkpoint", "save_checkpoint"]
+
+FILE_FORMAT = "pyro_bqn.checkpoint"
+FILE_VERSION = 1
+
+
+def save_checkpoint(
+    path: PathLike,
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    optimizer: PyroOptim | None = None,
+) -> None:
+    """Save everything needed to resume training or predicting: the Pyro param store (the
+    model's and the guide's parameters), the buffers of ``model`` and ``guide`` (if they are
+    modules) and, optionally, the state of ``optimizer``.
+
+    :raises ValueError: if the param store is empty (run the guide, e.g. one SVI step, first).
+    """
+    params = pyro.get_param_store().get_state()["params"]
+    if not params:
+        raise ValueError(
+            "the Pyro param store is empty: run the guide (e.g. one SVI step) before saving"
+        )
+
+    def clones(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().clone() for name, tensor in tensors.items()}
+
+    payload = {
+        "format": FILE_FORMAT,
+        "version": FILE_VERSION,
+        "params": clones(params),
+        "model_buffers": clones(buffers_of(model)),
+        "guide_buffers": clones(buffers_of(guide)),
+        "optimizer": None if optimizer is None else optimizer.get_state(),
+    }
+    torch.save(payload, path)
+
+
+def load_checkpoint(
+    path: PathLike,
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    *args: Any,
+    optimizer: PyroOptim | None = None,
+    **kwargs: Any,
+) -> None:
+    """Restore a checkpoint written by :func:`save_checkpoint` into ``model`` and ``guide``
+    (and ``optimizer``), exactly: losses, predictions and further training steps are
+    bitwise those of the saved run.
+
+    The guide creates its parameters only when it first runs, so ``load_checkpoint`` runs
+    the guide and then the model once on the example inputs ``*args, **kwargs`` (e.g. one
+    small batch, ``(x, y)``), without gradients and hiding the run from any handler and
+    from the caller's random stream. Then it copies the saved values into the parameters
+    and buffers those runs use, in place. Parameters in the file that neither reads (other
+    entries of the saved param store) are left out.
+
+    Build ``model`` and ``guide`` after :func:`pyro.clear_param_store` (or in the store they
+    were trained in): a stale param-store entry with a module parameter's name would shadow
+    the module's own tensor, in Pyro generally.
+
+    :param optimizer: a new :class:`~pyro.optim.PyroOptim` of the saved kind (with the same
+        arguments), which takes the saved state at its first step. It must not have taken a
+        step: PyroOptim applies a loaded state only to parameters it has not seen yet.
+    :raises ValueError: naming ``path`` if the file is not a checkpoint, naming the parameter
+        or buffer if the checkpoint does not fit the model and guide, or if ``optimizer`` has
+        already stepped or the checkpoint holds no optimiser state.
+    """
+    payload = load_payload(
+        path, FILE_FORMAT, FILE_VERSION, tensor_groups=("params", "model_buffers", "guide_buffers")
+    )
+    source = f"checkpoint {os.fspath(path)!r}"
+    if optimizer is not None:
+        if not isinstance(payload.get("optimizer"), dict):
+            raise ValueError(f"{source} holds no optimizer state (saved with optimizer=None)")
+        if optimizer.optim_objs:
+            raise ValueError(
+                "optimizer has already taken a step; PyroOptim applies a loaded state only to "
+                "parameters it has not seen, so pass a new one"
+            )
+
+    def model_and_guide(*args: Any, **kwargs: Any) -> Any:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        return poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+
+    # The run is only there to create the parameters: keep it from moving running statistics,
+    # so that a checkpoint that does not fit leaves model and guide as they were.
+    with preserved(buffers_of(model)), preserved(buffers_of(guide)):
+        params = live_params(model_and_guide, *args, **kwargs)
+    # Read after the run, which may have built the guide's submodules.
+    model_buffers, guide_buffers = buffers_of(model), buffers_of(guide)
+    check_matching(params, payload["params"], "parameter", source, allow_extra=True)
+    check_matching(model_buffers, payload["model_buffers"], "model buffer", source)
+    check_matching(guide_buffers, payload["guide_buffers"], "guide buffer", source)
+    # copy_into copies the entries the model and guide read; other saved params are left out.
+    copy_into(params, payload["params"])
+    copy_into(model_buffers, payload["model_buffers"])
+    copy_into(guide_buffers, payload["guide_buffers"])
+    if optimizer is not None:
+        optimizer.set_state(payload["optimizer"])

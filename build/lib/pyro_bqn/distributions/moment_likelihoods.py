@@ -1,0 +1,262 @@
+r"""Likelihoods for observed sites whose parameters may be Gaussian moments.
+
+Each class is a genuine Pyro distribution: given a plain tensor it is the ordinary
+likelihood; given :class:`~pyro_bqn.Moments` ``(mu, sigma^2)`` of the network output ``z``
+(independent Gaussian entries) it offers
+
+* :meth:`expected_log_prob` — ``E_z[log p(y | z)]`` or a lower bound of it, which
+  :class:`~pyro_bqn.infer.DeterministicELBO` uses so that the objective stays an ELBO;
+* :meth:`log_prob` and :meth:`sample` — the (approximate) predictive ``p(y) = E_z[p(y|z)]``,
+  so the same model runs under :class:`pyro.infer.Predictive`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pyro.distributions import Categorical, Normal, TorchDistribution, constraints
+
+from pyro_bqn.moments import Moments, split_moments
+
+__all__ = ["MomentCategorical", "MomentBernoulli", "MomentNormal", "expected_log_prob"]
+
+
+def _probit_scaled(mean: torch.Tensor, var: torch.Tensor | None) -> torch.Tensor:
+    """``mu / sqrt(1 + pi sigma^2 / 8)``: ``E[sigmoid(z)] ~= sigmoid`` of this (MacKay 1992)."""
+    return mean if var is None else mean * torch.rsqrt(1 + (math.pi / 8) * var)
+
+
+def _mean_field_softmax(mean: torch.Tensor, var: torch.Tensor | None) -> torch.Tensor:
+    r"""``E[softmax(z)]`` for independent Gaussian logits, by the pairwise mean-field rule
+    (Lu, Ie & Sha 2020), renormalised to sum to one:
+
+    .. math::
+        p_k \propto \Big(\sum_j \exp\big(-(\mu_k - \mu_j) /
+              \sqrt{1 + \tfrac{\pi}{8}(\sigma_k^2 + \sigma_j^2)}\big)\Big)^{-1}
+
+    For two classes it is the probit approximation of the sigmoid. Shapes ``(..., C)``.
+    """
+    if var is None:
+        return mean.softmax(-1)
+    gaps = mean.unsqueeze(-1) - mean.unsqueeze(-2)
+    spread = var.unsqueeze(-1) + var.unsqueeze(-2)
+    log_p = -torch.logsumexp(-gaps * torch.rsqrt(1 + (math.pi / 8) * spread), dim=-1)
+    return log_p.softmax(-1)
+
+
+def _categorical_expected_log_prob(
+    mean: torch.Tensor, var: torch.Tensor | None, value: torch.Tensor
+) -> torch.Tensor:
+    """``mu_y - log sum_k exp(mu_k + sigma_k^2 / 2)`` (Jensen), exact when ``var`` is None."""
+    normaliser = (mean if var is None else mean + 0.5 * var).logsumexp(-1)
+    mean, index = torch.broadcast_tensors(mean, value.long().unsqueeze(-1))
+    return mean.gather(-1, index[..., :1]).squeeze(-1) - normaliser
+
+
+class MomentCategorical(TorchDistribution):
+    r"""Categorical likelihood on logits ``z`` that are a tensor or Gaussian moments.
+
+    * ``expected_log_prob(y) = mu_y - log sum_k exp(mu_k + sigma_k^2/2)``, a lower bound of
+      ``E[log softmax(z)_y]`` (Jensen), exact for tensor logits;
+    * predictive ``probs ~= E[softmax(z)]`` by the pairwise mean-field rule (Lu et al. 2020),
+      which reduces to the probit approximation for two classes.
+
+    :param logits: tensor or :class:`~pyro_bqn.Moments` of shape ``batch_shape + (C,)``.
+
+    ``batch_shape = logits.shape[:-1]``, ``event_shape = ()``, values in ``{0, ..., C-1}``.
+    """
+
+    arg_constraints = {}
+    has_enumerate_support = True
+
+    def __init__(self, logits: torch.Tensor | Moments, validate_args: bool | None = None) -> None:
+        self.logit_mean, self.logit_var = split_moments(logits)
+        if self.logit_mean.dim() < 1:
+            raise ValueError("logits must have at least one dimension (the classes)")
+        if not torch.isfinite(self.logit_mean).all():
+            raise ValueError("logits must be finite (found NaN or inf in their mean)")
+        self._predictive = Categorical(probs=_mean_field_softmax(self.logit_mean, self.logit_var))
+        super().__init__(self.logit_mean.shape[:-1], validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=True, event_dim=0)
+    def support(self):
+        return constraints.integer_interval(0, self.logit_mean.shape[-1] - 1)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Predictive class probabilities, shape ``batch_shape + (C,)``."""
+        return self._predictive.probs
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(MomentCategorical, _instance)
+        batch_shape = torch.Size(batch_shape)
+        shape = batch_shape + self.logit_mean.shape[-1:]
+        new.logit_mean = self.logit_mean.expand(shape)
+        new.logit_var = None if self.logit_var is None else self.logit_var.expand(shape)
+        new._predictive = self._predictive.expand(batch_shape)
+        super(MomentCategorical, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def expected_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return _categorical_expected_log_prob(self.logit_mean, self.logit_var, value)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self._predictive.log_prob(value)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self._predictive.sample(sample_shape)
+
+    def enumerate_support(self, expand: bool = True) -> torch.Tensor:
+        return self._predictive.enumerate_support(expand)
+
+
+class MomentBernoulli(TorchDistribution):
+    r"""Bernoulli likelihood on a logit ``z`` that is a tensor or Gaussian moments: the
+    two-class :class:`MomentCategorical` with logits ``(0, z)``.
+
+    * ``expected_log_prob(y) = y mu - softplus(mu + sigma^2/2)`` for ``y in {0, 1}``
+      (Jensen lower bound, exact for tensor logits);
+    * predictive ``probs = sigmoid(mu / sqrt(1 + pi sigma^2 / 8))``.
+
+    :param logits: tensor or :class:`~pyro_bqn.Moments` of shape ``batch_shape``.
+    """
+
+    arg_constraints = {}
+    support = constraints.boolean
+    has_enumerate_support = True
+
+    def __init__(self, logits: torch.Tensor | Moments, validate_args: bool | None = None) -> None:
+        self.logit_mean, self.logit_var = split_moments(logits)
+        if not torch.isfinite(self.logit_mean).all():
+            raise ValueError("logits must be finite (found NaN or inf in their mean)")
+        super().__init__(self.logit_mean.shape, validate_args=validate_args)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Predictive ``P(y = 1)``, shape ``batch_shape``."""
+        return torch.sigmoid(_probit_scaled(self.logit_mean, self.logit_var))
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(MomentBernoulli, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.logit_mean = self.logit_mean.expand(batch_shape)
+        new.logit_var = None if self.logit_var is None else self.logit_var.expand(batch_shape)
+        super(MomentBernoulli, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def _two_class(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else torch.stack([torch.zeros_like(x), x], dim=-1)
+
+    def expected_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return _categorical_expected_log_prob(
+            self._two_class(self.logit_mean), self._two_class(self.logit_var), value
+        )
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits = _probit_scaled(self.logit_mean, self.logit_var)
+        logits, value = torch.broadcast_tensors(logits, value)
+        return -F.binary_cross_entropy_with_logits(logits, value.to(logits.dtype), reduction="none")
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            return torch.bernoulli(self.probs.expand(shape))
+
+    def enumerate_support(self, expand: bool = True) -> torch.Tensor:
+        values = self.logit_mean.new_tensor([0.0, 1.0]).reshape((2,) + (1,) * len(self.batch_shape))
+        return values.expand((2,) + self.batch_shape) if expand else values
+
+
+class MomentNormal(TorchDistribution):
+    r"""Gaussian likelihood ``y ~ N(z, tau^2)`` on a mean ``z`` that is a tensor or moments.
+
+    * ``expected_log_prob(y) = -((y - mu)^2 + sigma^2) / (2 tau^2) - log(2 pi tau^2) / 2``,
+      exact;
+    * predictive ``N(mu, sigma^2 + tau^2)`` (exact for Gaussian ``z``).
+
+    :param loc: tensor or :class:`~pyro_bqn.Moments` of shape ``batch_shape``.
+    :param scale: the noise scale ``tau > 0``, a float or a tensor broadcastable to ``loc``
+        (a learnable ``pyro.param`` or a fixed value; a random scale has no exact rule).
+    """
+
+    arg_constraints = {"scale": constraints.positive}
+    support = constraints.real
+    has_rsample = True
+
+    def __init__(
+        self,
+        loc: torch.Tensor | Moments,
+        scale: torch.Tensor | float,
+        validate_args: bool | None = None,
+    ) -> None:
+        self.loc_mean, self.loc_var = split_moments(loc)
+        self.scale = torch.as_tensor(scale, dtype=self.loc_mean.dtype, device=self.loc_mean.device)
+        batch_shape = torch.broadcast_shapes(self.loc_mean.shape, self.scale.shape)
+        self.loc_mean = self.loc_mean.expand(batch_shape)
+        self.loc_var = None if self.loc_var is None else self.loc_var.expand(batch_shape)
+        self.scale = self.scale.expand(batch_shape)
+        super().__init__(batch_shape, validate_args=validate_args)
+
+    @property
+    def predictive(self) -> Normal:
+        """The predictive ``N(mu, sigma^2 + tau^2)``, batch shape ``batch_shape``."""
+        var = self.scale.square() if self.loc_var is None else self.scale.square() + self.loc_var
+        return Normal(self.loc_mean, var.sqrt())
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc_mean
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.predictive.variance
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(MomentNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc_mean = self.loc_mean.expand(batch_shape)
+        new.loc_var = None if self.loc_var is None else self.loc_var.expand(batch_shape)
+        new.scale = self.scale.expand(batch_shape)
+        super(MomentNormal, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def expected_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        var = self.scale.square()
+        spread = (value - self.loc_mean).square()
+        if self.loc_var is not None:
+            spread = spread + self.loc_var
+        return -0.5 * spread / var - 0.5 * torch.log(2 * math.pi * var)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.predictive.log_prob(value)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self.predictive.rsample(sample_shape)
+
+
+def expected_log_prob(fn: TorchDistribution, value: torch.Tensor) -> torch.Tensor:
+    """``fn.expected_log_prob(value)`` where ``fn`` (or the base of an ``Independent``) is
+    moment-aware, else ``fn.log_prob(value)``; shape ``fn.batch_shape`` broadcast with value."""
+    if hasattr(fn, "expected_log_prob"):
+        return fn.expected_log_prob(value)
+    if hasattr(fn, "reinterpreted_batch_ndims"):
+        inner = expected_log_prob(fn.base_dist, value)
+        return (
+            inner.sum(tuple(range(-fn.reinterpreted_batch_ndims, 0)))
+            if fn.reinterpreted_batch_ndims
+            else inner
+        )
+    return fn.log_prob(value)

@@ -1,0 +1,213 @@
+"""The multiple spike-and-slab prior of Bayesian asymmetric M-ary quantization."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.distributions import Categorical, TorchDistribution, constraints
+from pyro.distributions.util import broadcast_shape
+
+from pyro_bqn.distributions.quantized_categorical import resolve_levels
+from pyro_bqn.distributions.relaxed_value import soft_onehot_of
+from pyro_bqn.levels import LevelSet
+
+__all__ = ["MultipleSpikeAndSlab"]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _normal_log_prob(
+    value: torch.Tensor, loc: float | torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    return -0.5 * ((value - loc) / scale).square() - scale.log() - _HALF_LOG_2PI
+
+
+class MultipleSpikeAndSlab(TorchDistribution):
+    r"""A mixture of spikes at the levels and a zero-centred Gaussian slab:
+
+        ``p(w) = sum_k pi_k spike_k(w) + pi_0 N(w; 0, slab_scale^2)``,
+
+    where ``spike_k`` is a point mass ``delta(w - v_k)`` when ``spike_scale = 0`` and a
+    narrow Gaussian ``N(w; v_k, spike_scale^2)`` when ``spike_scale > 0``. The weights
+    ``pi_1..pi_K`` (``spike_probs``) and ``pi_0`` (``slab_prob``) must sum to one.
+
+    With point-mass spikes the distribution is mixed discrete/continuous, and
+    :meth:`log_prob` is its density with respect to counting measure on the levels plus
+    Lebesgue measure: ``log pi_k`` at ``w = v_k`` and ``log pi_0 + log N(w; 0, slab_scale^2)``
+    anywhere else (the slab gives no mass to a single point). With Gaussian spikes it is the
+    ordinary Lebesgue density of the mixture.
+
+    A value that carries a one-hot ``y`` over the levels (a sample of a relaxed or
+    straight-through guide, see :class:`~pyro_bqn.distributions.RelaxedLevelValue`) is a
+    weight on the levels and gets ``sum_k y_k log pi_k``, for either spike kind: the
+    zero-width limit of the spikes, as used by the registered KL divergence.
+
+    :param levels: a :class:`~pyro_bqn.levels.LevelSet` or a strictly increasing ``(K,)``
+        tensor; a learnable level set is read once, at construction.
+    :param spike_probs: spike weights ``pi_1..pi_K``, shape ``batch_shape + (K,)``.
+    :param slab_prob: slab weight ``pi_0``, broadcastable to ``batch_shape``.
+    :param slab_scale: standard deviation of the slab, positive, broadcastable to
+        ``batch_shape``.
+    :param spike_scale: standard deviation of the spikes, broadcastable to ``batch_shape``;
+        zero everywhere (point masses, the default) or positive everywhere.
+
+    ``batch_shape`` is the broadcast of ``spike_probs.shape[:-1]`` and the other parameters'
+    shapes; ``event_shape = ()``.
+    """
+
+    arg_constraints = {
+        "spike_probs": constraints.independent(constraints.unit_interval, 1),
+        "slab_prob": constraints.unit_interval,
+        "slab_scale": constraints.positive,
+        "spike_scale": constraints.nonnegative,
+    }
+    support = constraints.real
+
+    def __init__(
+        self,
+        levels: LevelSet | torch.Tensor,
+        spike_probs: torch.Tensor,
+        slab_prob: float | torch.Tensor,
+        slab_scale: float | torch.Tensor,
+        spike_scale: float | torch.Tensor = 0.0,
+        validate_args: bool | None = None,
+    ) -> None:
+        self.levels, self.level_set = resolve_levels(levels)
+        num_levels = self.levels.shape[0]
+        like = {"dtype": self.levels.dtype, "device": self.levels.device}
+        spike_probs = torch.as_tensor(spike_probs, **like)
+        slab_prob = torch.as_tensor(slab_prob, **like)
+        slab_scale = torch.as_tensor(slab_scale, **like)
+        spike_scale = torch.as_tensor(spike_scale, **like)
+        if spike_probs.dim() < 1 or spike_probs.shape[-1] != num_levels:
+            raise ValueError(
+                f"spike_probs must have last dimension K={num_levels} (one weight per level), "
+                f"got shape {tuple(spike_probs.shape)}"
+            )
+        if not bool((slab_scale > 0).all()):
+            raise ValueError(f"slab_scale must be positive, got {slab_scale.tolist()}")
+        if bool((spike_scale == 0).all()):
+            self.point_mass = True
+        elif bool((spike_scale > 0).all()):
+            self.point_mass = False
+        else:
+            raise ValueError(
+                "spike_scale must be zero everywhere (point-mass spikes) or positive "
+                f"everywhere (Gaussian spikes), got {spike_scale.tolist()}"
+            )
+        _check_weights(spike_probs, slab_prob)
+        batch_shape = torch.Size(
+            broadcast_shape(spike_probs.shape[:-1], slab_prob.shape, slab_scale.shape,
+                            spike_scale.shape)
+        )
+        self.spike_probs = spike_probs.expand(batch_shape + (num_levels,))
+        self.slab_prob = slab_prob.expand(batch_shape)
+        self.slab_scale = slab_scale.expand(batch_shape)
+        self.spike_scale = spike_scale.expand(batch_shape)
+        super().__init__(batch_shape, validate_args=validate_args)
+
+    @classmethod
+    def with_uniform_spikes(
+        cls,
+        levels: LevelSet | torch.Tensor,
+        slab_prob: float | torch.Tensor,
+        slab_scale: float | torch.Tensor,
+        spike_scale: float | torch.Tensor = 0.0,
+        validate_args: bool | None = None,
+    ) -> MultipleSpikeAndSlab:
+        """The prior whose spikes share ``1 - slab_prob`` equally: ``pi_k = (1 - pi_0) / K``.
+
+        ``slab_prob = 0`` with point-mass spikes is the uniform categorical over the levels.
+        """
+        values, _ = resolve_levels(levels)
+        slab_prob = torch.as_tensor(slab_prob, dtype=values.dtype, device=values.device)
+        num_levels = values.shape[0]
+        spike_probs = ((1 - slab_prob) / num_levels).unsqueeze(-1).expand(
+            slab_prob.shape + (num_levels,)
+        )
+        return cls(levels, spike_probs, slab_prob, slab_scale, spike_scale, validate_args)
+
+    @property
+    def num_levels(self) -> int:
+        return self.levels.shape[0]
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(MultipleSpikeAndSlab, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.levels, new.level_set = self.levels, self.level_set
+        new.point_mass = self.point_mass
+        new.spike_probs = self.spike_probs.expand(batch_shape + (self.num_levels,))
+        new.slab_prob = self.slab_prob.expand(batch_shape)
+        new.slab_scale = self.slab_scale.expand(batch_shape)
+        new.spike_scale = self.spike_scale.expand(batch_shape)
+        super(MultipleSpikeAndSlab, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Log-density (see the class docstring for the measure); shape
+        ``broadcast(value.shape, batch_shape)``."""
+        soft = soft_onehot_of(value)
+        if soft is not None:
+            return torch.xlogy(soft, self.spike_probs).sum(-1)
+        if self._validate_args:
+            self._validate_sample(value)
+        slab = self.slab_prob.log() + _normal_log_prob(value, 0.0, self.slab_scale)
+        if self.point_mass:
+            matches = value.unsqueeze(-1) == self.levels
+            index = matches.long().argmax(-1, keepdim=True)
+            index, log_spikes = torch.broadcast_tensors(index, self.spike_probs.log())
+            log_spike = log_spikes.gather(-1, index[..., :1]).squeeze(-1)
+            return torch.where(matches.any(-1), log_spike, slab)
+        spikes = self.spike_probs.log() + _normal_log_prob(
+            value.unsqueeze(-1), self.levels, self.spike_scale.unsqueeze(-1)
+        )
+        return torch.cat([spikes, slab.unsqueeze(-1)], dim=-1).logsumexp(-1)
+
+    def sample(self, sample_shape: tuple[int, ...] | torch.Size = ()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            # Component K (the last) is the slab; components 0..K-1 are the spikes.
+            weights = torch.cat([self.spike_probs, self.slab_prob.unsqueeze(-1)], dim=-1)
+            component = Categorical(probs=weights, validate_args=False).sample(sample_shape)
+            zero = self.slab_scale.new_zeros(self.batch_shape + (1,))
+            locs = torch.cat([self.levels.expand(self.batch_shape + (-1,)), zero], dim=-1)
+            scales = torch.cat(
+                [self.spike_scale.unsqueeze(-1).expand(self.batch_shape + (self.num_levels,)),
+                 self.slab_scale.unsqueeze(-1)],
+                dim=-1,
+            )
+            index = component.unsqueeze(-1)
+            loc = locs.expand(shape + (-1,)).gather(-1, index).squeeze(-1)
+            scale = scales.expand(shape + (-1,)).gather(-1, index).squeeze(-1)
+            # A point-mass spike has scale 0, so its sample is exactly the level.
+            return loc + scale * torch.randn(shape, dtype=loc.dtype, device=loc.device)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``E[w] = sum_k pi_k v_k`` (the slab is centred), shape ``batch_shape``."""
+        return self.spike_probs @ self.levels
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """``sum_k pi_k ((v_k - m)^2 + s^2) + pi_0 (m^2 + slab_scale^2)`` with ``m = E[w]``
+        and ``s = spike_scale``: the centred form, never negative; shape ``batch_shape``."""
+        mean = self.mean
+        centred = (self.levels - mean.unsqueeze(-1)).square() + self.spike_scale.unsqueeze(-1) ** 2
+        spikes = (self.spike_probs * centred).sum(-1)
+        return spikes + self.slab_prob * (mean.square() + self.slab_scale.square())
+
+
+def _check_weights(spike_probs: torch.Tensor, slab_prob: torch.Tensor) -> None:
+    spike_probs, slab_prob = spike_probs.detach(), slab_prob.detach()
+    total = spike_probs.sum(-1) + slab_prob
+    # Rounding of K + 1 weights, each computed to within a few ulps (e.g. by a softmax).
+    tol = 16 * (spike_probs.shape[-1] + 1) * torch.finfo(total.dtype).eps
+    # Written as "not (all good)" so that NaN weights fail too.
+    valid = (spike_probs >= 0).all() and (slab_prob >= 0).all() and ((total - 1).abs() <= tol).all()
+    if not valid:
+        raise ValueError(
+            "spike_probs and slab_prob must be non-negative and sum to one "
+            f"(spike_probs.sum(-1) + slab_prob == 1), got sums {total.flatten()[:5].tolist()}"
+        )

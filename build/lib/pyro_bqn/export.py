@@ -1,0 +1,397 @@
+"""The most probable network of a posterior, stored compactly with level indices packed
+into bits, and run without the guide.
+
+A :class:`QuantizedNetwork` holds one fixed network: for each quantized weight site the
+index of its most probable level, packed ``ceil(log2 K)`` bits per weight; the level values;
+each continuous site's posterior mean; and the model state needed to run it (the Pyro
+parameters the model reads, such as batch-norm affine parameters and the temperature, and
+the model's buffers, such as batch-norm running statistics).
+
+**File format** (``QuantizedNetwork.save``): ``torch.save`` of a plain dictionary, read back
+with ``torch.load(..., weights_only=True)``::
+
+    {
+        "format": "pyro_bqn.QuantizedNetwork",
+        "version": 1,
+        "quantized": {site: {"packed": uint8 tensor (ceil(numel * bits / 8),),
+                             "levels": float tensor (K,),
+                             "shape": [int, ...]}},
+        "continuous": {site: float tensor},
+        "params": {param name: tensor},      # unconstrained, as in the Pyro param store
+        "buffers": {buffer name: tensor},    # as in the model's state_dict
+        "batch_norm": "model" | "reestimated",
+    }
+
+``bits = max(1, ceil(log2 K))``. The weights are flattened in row-major order; each index is
+written most significant bit first into one continuous bit stream, which is cut into bytes
+(most significant bit first, the last byte zero-padded) — the layout of
+``numpy.packbits(..., bitorder="big")`` applied to the stream.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from pyro import poutine
+from pyro.distributions import TorchDistribution
+
+from pyro_bqn._state import (
+    PathLike,
+    buffers_of,
+    check_matching,
+    copy_into,
+    live_params,
+    load_payload,
+    preserved,
+    training_mode,
+)
+from pyro_bqn.infer.checked_condition import CheckedConditionMessenger
+from pyro_bqn.levels import check_levels
+from pyro_bqn.nn.recalibrate import reestimate_batch_norm
+
+__all__ = [
+    "PackedSite",
+    "QuantizedNetwork",
+    "export_network",
+    "index_bits",
+    "pack_indices",
+    "unpack_indices",
+]
+
+FILE_FORMAT = "pyro_bqn.QuantizedNetwork"
+FILE_VERSION = 1
+BATCH_NORM_SOURCES = ("model", "reestimated")
+
+_T = TypeVar("_T")
+
+# Bit weights of a byte, most significant first.
+_BYTE_BITS = torch.arange(7, -1, -1)
+
+
+def index_bits(num_levels: int) -> int:
+    """Bits needed to store a level index among ``num_levels >= 2``: ``ceil(log2 K)``
+    (1 for binary, 2 for ternary and 2-bit uniform, 3 for 5 to 8 levels)."""
+    if num_levels < 2:
+        raise ValueError(f"a level set has at least two levels, got {num_levels}")
+    return (num_levels - 1).bit_length()
+
+
+def _msb_first(bits: int) -> torch.Tensor:
+    return torch.arange(bits - 1, -1, -1)
+
+
+def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integer indices below ``2 ** bits`` into bytes.
+
+    :param indices: integer tensor of any shape, flattened in row-major order.
+    :return: ``uint8`` tensor of shape ``(ceil(indices.numel() * bits / 8),)`` (layout in the
+        module docstring).
+    """
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+    flat = indices.reshape(-1).to(torch.int64)
+    if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
+        raise ValueError(
+            f"indices must lie in [0, {2**bits}) to fit {bits} bits, got range "
+            f"[{flat.min().item()}, {flat.max().item()}]"
+        )
+    stream = ((flat.unsqueeze(-1) >> _msb_first(bits)) & 1).reshape(-1)
+    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8))
+    return (stream.view(-1, 8) << _BYTE_BITS).sum(-1).to(torch.uint8)
+
+
+def unpack_indices(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_indices`: the first ``count`` indices, ``int64`` ``(count,)``.
+
+    :raises ValueError: if ``packed`` is not a ``uint8`` tensor of shape
+        ``(ceil(count * bits / 8),)``.
+    """
+    expected = (math.ceil(count * bits / 8),)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
+        raise ValueError(
+            f"packed indices must be a uint8 tensor of shape {expected} for {count} indices of "
+            f"{bits} bits, got {packed.dtype} {tuple(packed.shape)}"
+        )
+    stream = ((packed.to(torch.int64).unsqueeze(-1) >> _BYTE_BITS) & 1).reshape(-1)
+    return (stream[: count * bits].view(count, bits) << _msb_first(bits)).sum(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedSite:
+    """One quantized weight site stored as packed level indices.
+
+    :param packed: ``uint8`` ``(ceil(numel * bits / 8),)``, see :func:`pack_indices`.
+    :param levels: the level values ``(K,)``, strictly increasing.
+    :param shape: the weight's shape.
+    :raises ValueError: if the parts are inconsistent or an index is not below ``K``.
+    """
+
+    packed: torch.Tensor
+    levels: torch.Tensor
+    shape: torch.Size
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", torch.Size(self.shape))
+        check_levels(self.levels)
+        # Unpacking checks the packed tensor's dtype and length; a K that is not a power of
+        # two leaves index codes >= K unused, and a corrupted file may hold them.
+        largest = self.indices().max() if self.numel else 0
+        if largest >= self.num_levels:
+            raise ValueError(
+                f"a packed index is {int(largest)}, but there are only {self.num_levels} levels"
+            )
+
+    @classmethod
+    def from_indices(cls, indices: torch.Tensor, levels: torch.Tensor) -> PackedSite:
+        """Pack ``indices`` (integer, the weight's shape) of the levels ``levels`` ``(K,)``."""
+        bits = index_bits(levels.shape[0])
+        return cls(pack_indices(indices, bits), levels, indices.shape)
+
+    @property
+    def num_levels(self) -> int:
+        """``K``."""
+        return self.levels.shape[0]
+
+    @property
+    def bits(self) -> int:
+        """Bits per weight, ``ceil(log2 K)``."""
+        return index_bits(self.num_levels)
+
+    @property
+    def numel(self) -> int:
+        """Number of weights."""
+        return self.shape.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed indices, ``ceil(numel * bits / 8)``."""
+        return self.packed.numel()
+
+    def indices(self) -> torch.Tensor:
+        """Level indices, ``int64`` of the weight's shape."""
+        return unpack_indices(self.packed, self.bits, self.numel).view(self.shape)
+
+    def values(self) -> torch.Tensor:
+        """Level values, the weight's shape and the levels' dtype."""
+        return self.levels[self.indices()]
+
+
+@dataclass(eq=False)
+class QuantizedNetwork:
+    """One fixed network of a model: packed quantized weights plus the state to run it.
+
+    Build it with :func:`export_network`; :meth:`save` and :meth:`load` round-trip it
+    exactly.
+
+    :param quantized: ``{site: PackedSite}`` of the quantized weight sites.
+    :param continuous: ``{site: tensor}`` of real-valued sites (e.g. biases).
+    :param params: ``{name: tensor}``, the unconstrained values of the Pyro params the model
+        reads (batch-norm affine parameters, temperature, ...).
+    :param buffers: ``{name: tensor}``, the model's buffers (batch-norm running statistics,
+        level values), named as in its ``state_dict``.
+    :param batch_norm: where the running statistics in ``buffers`` come from: ``"model"``
+        (the model's, gathered in moment mode) or ``"reestimated"`` (this network's own,
+        see :func:`~pyro_bqn.nn.recalibrate.reestimate_batch_norm`).
+    """
+
+    quantized: dict[str, PackedSite]
+    continuous: dict[str, torch.Tensor] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    batch_norm: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.batch_norm not in BATCH_NORM_SOURCES:
+            raise ValueError(
+                f"batch_norm must be one of {BATCH_NORM_SOURCES}, got {self.batch_norm!r}"
+            )
+        both = sorted(set(self.quantized) & set(self.continuous))
+        if both:
+            raise ValueError(f"site '{both[0]}' is given both as quantized and as continuous")
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """``{site: value}`` for every site: unpacked level values for quantized sites,
+        the stored tensors for continuous ones — ready for ``poutine.condition``."""
+        unpacked = {name: site.values() for name, site in self.quantized.items()}
+        return {**unpacked, **self.continuous}
+
+    def bits_per_weight(self) -> dict[str, int]:
+        """``{site: bits}`` of each quantized site."""
+        return {name: site.bits for name, site in self.quantized.items()}
+
+    def size_bytes(self) -> int:
+        """Bytes of stored data: packed indices, level values, continuous sites, params and
+        buffers (the file adds a small, fixed container overhead)."""
+        tensors = [t for site in self.quantized.values() for t in (site.packed, site.levels)]
+        for group in (self.continuous, self.params, self.buffers):
+            tensors += list(group.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def distribution(
+        self, model: Callable[..., Any], *args: Any, site: str = "obs", **kwargs: Any
+    ) -> TorchDistribution:
+        """The distribution of sample site ``site`` when ``model(*args, **kwargs)`` runs
+        this network in evaluation mode, without gradients.
+
+        For the run the network's weights condition the model, and its params and buffers
+        are copied into the model's (which must have the same names, shapes and dtypes); the
+        model's own values are restored afterwards, so ``model`` may be the trained model or
+        a fresh instance of the same architecture.
+
+        :raises ValueError: naming the site, parameter or buffer where network and model
+            differ.
+        """
+        # A deep copy, taken during the run: the distribution may hold the model's own
+        # tensors (e.g. a noise parameter), which are restored when the run ends.
+        return self._read(model, args, kwargs, copy.deepcopy, site)
+
+    def run(
+        self, model: Callable[..., Any], *args: Any, site: str = "obs", **kwargs: Any
+    ) -> torch.Tensor:
+        """The probabilities (``probs``) of the observed site's distribution under this
+        network, e.g. class probabilities ``(N, C)`` for a
+        :class:`~pyro_bqn.models.QuantizedMLP` called as ``run(model, x)``. See
+        :meth:`distribution`.
+        """
+
+        def probs(fn: TorchDistribution) -> torch.Tensor:
+            if not hasattr(fn, "probs"):
+                raise ValueError(
+                    f"site '{site}' has a {type(fn).__name__} distribution without probs; "
+                    "use distribution() instead"
+                )
+            return fn.probs.clone()
+
+        return self._read(model, args, kwargs, probs, site)
+
+    def _read(
+        self,
+        model: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        read: Callable[[TorchDistribution], _T],
+        site: str,
+    ) -> _T:
+        """Run the model on this network and return ``read(distribution of site)``."""
+        conditioned = CheckedConditionMessenger(self.weights())(model)
+        with torch.no_grad(), training_mode(model, False):
+            params = live_params(conditioned, *args, **kwargs)
+            buffers = buffers_of(model)
+            check_matching(params, self.params, "parameter", "the network")
+            check_matching(buffers, self.buffers, "buffer", "the network")
+            with preserved(params), preserved(buffers):
+                copy_into(params, self.params)
+                copy_into(buffers, self.buffers)
+                trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
+                if site not in trace.nodes or trace.nodes[site]["type"] != "sample":
+                    sites = [name for name, node in trace.nodes.items() if node["type"] == "sample"]
+                    raise ValueError(
+                        f"the model has no sample site '{site}'; its sample sites: {sites}"
+                    )
+                return read(trace.nodes[site]["fn"])
+
+    def save(self, path: PathLike) -> None:
+        """Write the network to ``path`` (format in the module docstring)."""
+        quantized = {
+            name: {"packed": site.packed, "levels": site.levels, "shape": list(site.shape)}
+            for name, site in self.quantized.items()
+        }
+        payload = {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "quantized": quantized,
+            "continuous": self.continuous,
+            "params": self.params,
+            "buffers": self.buffers,
+            "batch_norm": self.batch_norm,
+        }
+        torch.save(payload, path)
+
+    @classmethod
+    def load(cls, path: PathLike) -> QuantizedNetwork:
+        """Read a network written by :meth:`save`.
+
+        :raises ValueError: naming ``path`` (and the site, for a damaged one), if the file
+            is not a valid network file.
+        """
+        payload = load_payload(
+            path, FILE_FORMAT, FILE_VERSION, tensor_groups=("continuous", "params", "buffers")
+        )
+        damaged = f"{os.fspath(path)!r} holds a damaged network"
+        quantized = {}
+        try:
+            for name, entry in payload["quantized"].items():
+                try:
+                    quantized[name] = PackedSite(entry["packed"], entry["levels"], entry["shape"])
+                except (KeyError, TypeError, ValueError) as error:
+                    raise ValueError(f"{damaged}: site '{name}': {error}") from error
+        except AttributeError as error:  # "quantized" is not a dictionary
+            raise ValueError(f"{damaged}: {error}") from error
+        try:
+            return cls(
+                quantized=quantized,
+                continuous=payload["continuous"],
+                params=payload["params"],
+                buffers=payload["buffers"],
+                batch_norm=payload.get("batch_norm"),
+            )
+        except ValueError as error:
+            raise ValueError(f"{damaged}: {error}") from error
+
+
+def export_network(
+    model: Callable[..., Any],
+    guide: Any,
+    *args: Any,
+    batch_norm_data: torch.Tensor | None = None,
+    batch_size: int = 256,
+    **kwargs: Any,
+) -> QuantizedNetwork:
+    """The most probable network of ``guide``'s posterior, with the model state to run it.
+
+    Each quantized site keeps the index of its most probable level (the argmax of the
+    posterior, exactly the levels of ``guide.median()``); each continuous site its posterior
+    mean. ``model(*args, **kwargs)`` is run once in evaluation mode (example inputs, e.g. a
+    small batch) to find the Pyro params the model reads, whose current values are stored.
+
+    **Batch-norm statistics.** By default the network keeps the model's running statistics,
+    gathered in moment mode, which describe the moment network rather than this one. Pass
+    ``batch_norm_data`` (inputs ``(N, ...)``, e.g. training inputs) to store the network's
+    own, re-estimated with :func:`~pyro_bqn.nn.recalibrate.reestimate_batch_norm`. They are
+    stored in the network only: the model's statistics are restored afterwards, so the
+    model is unchanged.
+
+    :param model: the model (e.g. a :class:`~pyro_bqn.models.QuantizedMLP`).
+    :param guide: its trained :class:`~pyro_bqn.infer.AutoQuantizedGuide` (anything with
+        ``quantized_sites``, ``exact_posterior(name)`` and ``median()``).
+    :param batch_size: batch size of the re-estimation passes.
+    """
+    median = guide.median(*args, **kwargs)
+    quantized = {}
+    for name in guide.quantized_sites:
+        posterior = guide.exact_posterior(name)
+        levels = posterior.levels.detach().clone()
+        quantized[name] = PackedSite.from_indices(posterior.index_of(median[name]), levels)
+    continuous = {
+        name: value.detach().clone() for name, value in median.items() if name not in quantized
+    }
+    with training_mode(model, False):
+        params = live_params(CheckedConditionMessenger(median)(model), *args, **kwargs)
+    buffers = buffers_of(model)
+    with preserved(buffers):
+        if batch_norm_data is not None:
+            reestimate_batch_norm(model, median, batch_norm_data, batch_size=batch_size)
+        network_buffers = {name: buffer.clone() for name, buffer in buffers.items()}
+    return QuantizedNetwork(
+        quantized=quantized,
+        continuous=continuous,
+        params={name: param.detach().clone() for name, param in params.items()},
+        buffers=network_buffers,
+        batch_norm="model" if batch_norm_data is None else "reestimated",
+    )

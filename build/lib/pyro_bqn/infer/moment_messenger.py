@@ -1,0 +1,46 @@
+"""A messenger that puts the posterior's moments, not samples, at latent sites."""
+
+from __future__ import annotations
+
+from pyro.distributions import Independent
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import Message
+
+from pyro_bqn.moments import SiteMoments
+
+__all__ = ["MomentMessenger"]
+
+
+class MomentMessenger(Messenger):
+    """Sets every latent sample site's value to :class:`~pyro_bqn.SiteMoments` built from
+    its distribution's ``moments()`` (where it has them, e.g.
+    :class:`~pyro_bqn.distributions.QuantizedCategorical`) or ``mean`` and ``variance``, so
+    nothing is sampled.
+
+    Wrap a guide with it and replay the model against the resulting trace: quantized layers
+    then receive the posterior moments of their weights and propagate means and variances.
+    Observed sites and sites already given a value are left alone.
+
+    :raises NotImplementedError: naming the site, if its distribution has no analytic mean
+        or variance.
+    """
+
+    def _pyro_sample(self, msg: Message) -> None:
+        if msg["is_observed"] or msg["value"] is not None:
+            return
+        fn = msg["fn"]
+        base = fn.base_dist if isinstance(fn, Independent) else fn
+        if hasattr(base, "moments"):
+            moments = base.moments()
+            msg["value"] = SiteMoments(moments.mean, moments.var, moments.second_moment)
+            msg["infer"] = {**msg["infer"], "moments": True}
+            return
+        try:
+            mean, var = fn.mean, fn.variance
+        except NotImplementedError as error:
+            raise NotImplementedError(
+                f"guide site '{msg['name']}' has a {type(fn).__name__} posterior with no "
+                "analytic mean/variance, so it cannot be propagated without sampling"
+            ) from error
+        msg["value"] = SiteMoments(mean, var)
+        msg["infer"] = {**msg["infer"], "moments": True}

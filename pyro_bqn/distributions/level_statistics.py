@@ -1,0 +1,220 @@
+"""Everything the sampling-free ELBO needs from a categorical posterior over levels, in one
+fused pass with a hand-written backward.
+
+A training step of a quantized network reads, for every weight, the posterior
+probabilities, the mean and variance of the weight and the negative entropy (for the KL).
+Written as separate tensor operations with autograd these take some twenty passes over
+``K x (number of weights)`` values per step, which dominated the step time. Here a C
+kernel (:mod:`pyro_bqn.native`) reads the logits once in each direction; a torch
+implementation of the same formulas serves where the kernel is unavailable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import torch
+
+from pyro_bqn import native
+
+__all__ = ["LevelStatistics", "level_statistics"]
+
+
+class LevelStatistics(NamedTuple):
+    """Statistics of independent categoricals over the levels ``v``, one per weight; each
+    has the weights' shape ``S``."""
+
+    mean: torch.Tensor
+    """``E[w] = sum_k q_k v_k``."""
+    var: torch.Tensor
+    """``Var[w] = max(E[w^2] - E[w]^2, 0)``."""
+    second_moment: torch.Tensor
+    """``E[w^2] = sum_k q_k v_k^2``."""
+    neg_entropy: torch.Tensor
+    """``sum_k q_k log q_k`` (``-H[q]``)."""
+
+
+_SIGNATURES = {
+    torch.float32: (ctypes.c_float, "f"),
+    torch.float64: (ctypes.c_double, "d"),
+}
+# Below this many weights one thread is faster than handing out chunks.
+_MIN_CHUNK = 1 << 15
+# The kernel's block buffers hold at most this many levels (4-bit weights).
+_MAX_NATIVE_LEVELS = 16
+
+
+def _pointer(tensor: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if tensor is None else tensor.data_ptr())
+
+
+def _chunks(n: int) -> list[tuple[int, int]]:
+    count = max(1, min(torch.get_num_threads(), n // _MIN_CHUNK))
+    bounds = [n * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+@functools.cache
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
+
+
+def _run_chunked(call, n: int) -> int:
+    """``sum(call(begin, end))`` over ranges covering ``[0, n)``, in parallel (the ctypes
+    calls release the GIL)."""
+    chunks = _chunks(n)
+    if len(chunks) == 1:
+        return call(*chunks[0])
+    return sum(_executor().map(lambda bounds: call(*bounds), chunks))
+
+
+def _native_library(theta: torch.Tensor) -> ctypes.CDLL | None:
+    if theta.device.type != "cpu" or theta.dtype not in _SIGNATURES:
+        return None
+    if theta.shape[0] > _MAX_NATIVE_LEVELS:
+        return None
+    return native.load("level_statistics")
+
+
+def _offset(tensor: torch.Tensor | None, begin: int) -> ctypes.c_void_p:
+    if tensor is None:
+        return ctypes.c_void_p(None)
+    return ctypes.c_void_p(tensor.data_ptr() + begin * tensor.element_size())
+
+
+def _native_forward(library, theta: torch.Tensor, levels: torch.Tensor):
+    """``(mean, var, second, neg_entropy)`` from the C kernel, or ``None`` when ``theta``
+    holds a non-finite logit (the kernel assumes finite values)."""
+    num_levels, n = theta.shape
+    outputs = [theta.new_empty(n) for _ in range(4)]
+    function = getattr(library, f"level_statistics_forward_{_SIGNATURES[theta.dtype][1]}")
+    function.restype = ctypes.c_int64
+
+    def call(begin: int, end: int) -> int:
+        return function(
+            _offset(theta, begin),
+            ctypes.c_int64(num_levels),
+            ctypes.c_int64(end - begin),
+            ctypes.c_int64(n),
+            _pointer(levels),
+            *(_offset(out, begin) for out in outputs),
+        )
+
+    return None if _run_chunked(call, n) != 0 else outputs
+
+
+def _native_backward(library, theta, levels, mean, grads, need_levels: bool):
+    """``(dL/dtheta, dL/dlevels or None)`` from the C kernel."""
+    num_levels, n = theta.shape
+    g_theta = torch.empty_like(theta)
+    grads = [None if g is None else g.contiguous() for g in grads]
+    function = getattr(library, f"level_statistics_backward_{_SIGNATURES[theta.dtype][1]}")
+    function.restype = ctypes.c_int64
+    chunks = _chunks(n)
+    g_levels = torch.zeros(len(chunks), num_levels, dtype=torch.float64)
+
+    def call(begin: int, end: int) -> int:
+        index = chunks.index((begin, end))
+        return function(
+            _offset(theta, begin),
+            ctypes.c_int64(num_levels),
+            ctypes.c_int64(end - begin),
+            ctypes.c_int64(n),
+            _pointer(levels),
+            _offset(mean, begin),
+            *(_offset(g, begin) for g in grads),
+            _offset(g_theta, begin),
+            _pointer(g_levels[index]) if need_levels else ctypes.c_void_p(None),
+        )
+
+    _run_chunked(call, n)
+    return g_theta, (g_levels.sum(0).to(theta.dtype) if need_levels else None)
+
+
+def _torch_forward(theta: torch.Tensor, levels: torch.Tensor):
+    log_q = torch.log_softmax(theta, dim=0)
+    q = log_q.exp()
+    mean, second = torch.stack([levels, levels.square()]) @ q
+    var = torch.addcmul(second, mean, mean, value=-1.0).clamp_min_(0.0)
+    neg_entropy = torch.special.xlogy(q, q).sum(0)
+    return [mean, var, second, neg_entropy], log_q, q
+
+
+def _torch_backward(log_q, q, levels, mean, grads, need_levels: bool):
+    g_mean, g_var, g_second, g_h = (torch.zeros_like(mean) if g is None else g for g in grads)
+    a = torch.addcmul(g_mean, mean, g_var, value=-2.0)
+    b = g_second + g_var
+    g = levels.unsqueeze(-1) * a + levels.square().unsqueeze(-1) * b
+    # q log q has derivative log q + 1; the constant cancels below, and 0 log 0 counts 0.
+    g = g + torch.where(q > 0, log_q, 0.0) * g_h
+    g_theta = q * (g - (q * g).sum(0))
+    g_levels = q @ a + 2 * levels * (q @ b) if need_levels else None
+    return g_theta, g_levels
+
+
+class _LevelStatisticsFunction(torch.autograd.Function):
+    """``theta (K, N), levels (K,)`` to ``(mean, var, E[w^2], sum q log q)``, each ``(N,)``.
+
+    Backward: with ``g_k`` the derivative of the loss with respect to ``q_k`` through every
+    output,
+
+    .. math::
+        g_k = a v_k + b v_k^2 + \\bar h \\log q_k, \\qquad
+        \\partial L / \\partial \\theta_k = q_k \\big(g_k - \\textstyle\\sum_j q_j g_j\\big)
+
+    where ``a = dL/dmean - 2 mean dL/dvar`` and ``b = dL/dE[w^2] + dL/dvar`` (the ``+1``
+    of ``d(q log q)/dq`` cancels in the centred form). The variance's clamp only absorbs
+    rounding, so its gradient is taken as that of ``E[w^2] - E[w]^2``.
+
+    The C kernel (:mod:`pyro_bqn.native`) does each direction in one pass over the logits;
+    the torch code computes the same values where the kernel is unavailable or a logit is
+    not finite.
+    """
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, levels: torch.Tensor):
+        ctx.set_materialize_grads(False)
+        library = _native_library(theta)
+        outputs = None if library is None else _native_forward(library, theta, levels)
+        if outputs is not None:
+            ctx.native = library
+            ctx.save_for_backward(theta, levels, outputs[0])
+            return tuple(outputs)
+        outputs, log_q, q = _torch_forward(theta, levels)
+        ctx.native = None
+        ctx.save_for_backward(log_q, q, levels, outputs[0])
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if all(g is None for g in grads):
+            return None, None
+        need_levels = ctx.needs_input_grad[1]
+        if ctx.native is not None:
+            theta, levels, mean = ctx.saved_tensors
+            return _native_backward(ctx.native, theta, levels, mean, grads, need_levels)
+        log_q, q, levels, mean = ctx.saved_tensors
+        return _torch_backward(log_q, q, levels, mean, grads, need_levels)
+
+
+def level_statistics(logits: torch.Tensor, levels: torch.Tensor) -> LevelStatistics:
+    """The :class:`LevelStatistics` of ``q = softmax(logits)`` over the levels.
+
+    :param logits: unnormalised log-probabilities, levels first: shape ``(K,) + S``. A
+        contiguous tensor avoids a copy.
+    :param levels: the level values ``v``, shape ``(K,)`` (may require grad, e.g. learnable
+        levels).
+    """
+    num_levels = levels.shape[0]
+    if logits.dim() < 1 or logits.shape[0] != num_levels:
+        raise ValueError(
+            f"logits must have the K={num_levels} levels as their first dimension, got shape "
+            f"{tuple(logits.shape)}"
+        )
+    shape = logits.shape[1:]
+    theta = logits.reshape(num_levels, -1).contiguous()
+    outputs = _LevelStatisticsFunction.apply(theta, levels.to(logits.dtype).contiguous())
+    return LevelStatistics(*(out.reshape(shape) for out in outputs))

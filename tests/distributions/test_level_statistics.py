@@ -1,0 +1,93 @@
+"""The fused level statistics against their definitions, on both implementations."""
+
+import os
+
+import pytest
+import torch
+
+import pyro_bqn.distributions.level_statistics as level_module
+from pyro_bqn.distributions.level_statistics import level_statistics
+
+NATIVE_OFF = os.environ.get("PYRO_BQN_NATIVE") == "0"
+
+
+@pytest.fixture(params=["native", "torch"])
+def implementation(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(level_module, "_native_library", lambda theta: None)
+    elif NATIVE_OFF:
+        pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
+    else:
+        # The native case must really run the kernel: fail loudly if it cannot be built.
+        assert level_module.native.load("level_statistics") is not None
+    return request.param
+
+
+def _reference(logits: torch.Tensor, levels: torch.Tensor):
+    q = torch.softmax(logits, dim=0)
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    mean = (q * levels.reshape(shape)).sum(0)
+    second = (q * levels.square().reshape(shape)).sum(0)
+    var = (q * (levels.reshape(shape) - mean).square()).sum(0)
+    return mean, var, second, torch.special.xlogy(q, q).sum(0)
+
+
+def _random(shape, dtype, seed, scale=3.0):
+    return scale * torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_levels", [2, 3, 4, 16, 17])
+@pytest.mark.parametrize("weight_shape", [(7,), (5, 300), (0,)])
+def test_statistics_match_their_definitions(implementation, dtype, num_levels, weight_shape):
+    logits = _random((num_levels, *weight_shape), dtype, seed=num_levels)
+    levels = torch.linspace(-1.5, 2.0, num_levels, dtype=dtype)
+    stats = level_statistics(logits, levels)
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-10}
+    for name, got, expected in zip(stats._fields, stats, _reference(logits, levels), strict=True):
+        assert got.shape == weight_shape and got.dtype == dtype, name
+        torch.testing.assert_close(got, expected, **tol, msg=name)
+
+
+def test_gradients_match_finite_differences(implementation):
+    logits = _random((3, 4, 5), torch.float64, seed=1).requires_grad_()
+    levels = torch.tensor([-1.0, 0.3, 1.2], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, v: tuple(level_statistics(t, v)), (logits, levels))
+
+
+def test_gradient_through_some_outputs_only(implementation):
+    logits = _random((3, 50), torch.float64, seed=2).requires_grad_()
+    levels = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    level_statistics(logits, levels).var.sum().backward()
+    expected = torch.autograd.grad(_reference(logits, levels)[1].sum(), logits)[0]
+    torch.testing.assert_close(logits.grad, expected)
+
+
+def test_non_finite_logits_give_the_exact_answer(implementation):
+    # A level with logit -inf has probability zero; the kernel hands such inputs to torch.
+    logits = torch.tensor([[-torch.inf, 0.0], [0.0, 0.0], [1.0, -torch.inf]])
+    levels = torch.tensor([-1.0, 0.0, 1.0])
+    stats = level_statistics(logits, levels)
+    for got, expected in zip(stats, _reference(logits, levels), strict=True):
+        torch.testing.assert_close(got, expected)
+    assert torch.isfinite(torch.stack(list(stats))).all()
+
+
+def test_chunked_native_run_matches_torch(monkeypatch):
+    if NATIVE_OFF:
+        pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
+    monkeypatch.setattr(level_module, "_MIN_CHUNK", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    logits = _random((4, 1000), torch.float64, seed=3).requires_grad_()
+    levels = torch.tensor([-1.0, -0.2, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
+    grads = [torch.randn(1000, dtype=torch.float64) for _ in range(4)]
+    native = torch.autograd.grad(level_statistics(logits, levels), (logits, levels), grads)
+    monkeypatch.setattr(level_module, "_native_library", lambda theta: None)
+    reference = torch.autograd.grad(level_statistics(logits, levels), (logits, levels), grads)
+    for got, expected in zip(native, reference, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_levels_must_match_the_first_dimension():
+    with pytest.raises(ValueError, match="K=3 levels as their first dimension"):
+        level_statistics(torch.zeros(4, 2), torch.tensor([-1.0, 0.0, 1.0]))
