@@ -38,6 +38,13 @@ def quantized_activation_moments(
     :param thresholds: ``(t_1, ..., t_{M-1})``, shape ``(M - 1,)``, increasing.
     :returns: ``(mean, var)`` of ``a(h)``, each of shape ``S``.
     """
+    if values.shape[0] == 2:
+        # One threshold: the same formulas without the trailing level dimension, which
+        # halves the work in binary networks (the common case, e.g. Sign).
+        z = standardize(thresholds[0], mean, safe_std(var))
+        above, below = normal_cdf(-z), normal_cdf(z)
+        step = values[1] - values[0]
+        return values[0] + step * above, (step.square() * above * below).clamp_min(0.0)
     std = safe_std(var).unsqueeze(-1)
     z = standardize(thresholds, mean.unsqueeze(-1), std)
     above, below = normal_cdf(-z), normal_cdf(z)
