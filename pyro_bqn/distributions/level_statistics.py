@@ -47,10 +47,6 @@ _MIN_CHUNK = 1 << 15
 _MAX_NATIVE_LEVELS = 16
 
 
-def _pointer(tensor: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(None if tensor is None else tensor.data_ptr())
-
-
 def _chunks(n: int) -> list[tuple[int, int]]:
     count = max(1, min(torch.get_num_threads(), n // _MIN_CHUNK))
     bounds = [n * i // count for i in range(count + 1)]
@@ -62,15 +58,6 @@ def _executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
 
 
-def _run_chunked(call, n: int) -> int:
-    """``sum(call(begin, end))`` over ranges covering ``[0, n)``, in parallel (the ctypes
-    calls release the GIL)."""
-    chunks = _chunks(n)
-    if len(chunks) == 1:
-        return call(*chunks[0])
-    return sum(_executor().map(lambda bounds: call(*bounds), chunks))
-
-
 def _native_library(theta: torch.Tensor) -> ctypes.CDLL | None:
     if theta.device.type != "cpu" or theta.dtype not in _SIGNATURES:
         return None
@@ -79,58 +66,53 @@ def _native_library(theta: torch.Tensor) -> ctypes.CDLL | None:
     return native.load("level_statistics")
 
 
-def _offset(tensor: torch.Tensor | None, begin: int) -> ctypes.c_void_p:
+def _offset(tensor: torch.Tensor | None, begin: int = 0) -> ctypes.c_void_p:
+    """Address of ``tensor``'s entry ``begin`` (of each row, for a levels-first array)."""
     if tensor is None:
         return ctypes.c_void_p(None)
     return ctypes.c_void_p(tensor.data_ptr() + begin * tensor.element_size())
 
 
+def _run_kernel(library, direction, theta, levels, arrays, extra=lambda index: ()) -> int:
+    """Run ``level_statistics_<direction>`` over ranges of weights, in parallel threads for
+    large tensors (ctypes releases the GIL). ``arrays`` are per-weight tensors (shape
+    ``(n,)`` or levels-first ``(K, n)``), passed offset to each range; ``extra(index)``
+    gives range-specific trailing arguments. Returns the count of non-finite logits."""
+    num_levels, n = theta.shape
+    function = getattr(library, f"level_statistics_{direction}_{_SIGNATURES[theta.dtype][1]}")
+    function.restype = ctypes.c_int64
+    chunks = _chunks(n)
+
+    def call(index: int) -> int:
+        begin, end = chunks[index]
+        sizes = (ctypes.c_int64(num_levels), ctypes.c_int64(end - begin), ctypes.c_int64(n))
+        offsets = (_offset(array, begin) for array in arrays)
+        return function(_offset(theta, begin), *sizes, _offset(levels), *offsets, *extra(index))
+
+    if len(chunks) == 1:
+        return call(0)
+    return sum(_executor().map(call, range(len(chunks))))
+
+
 def _native_forward(library, theta: torch.Tensor, levels: torch.Tensor):
     """``(mean, var, second, neg_entropy)`` from the C kernel, or ``None`` when ``theta``
     holds a non-finite logit (the kernel assumes finite values)."""
-    num_levels, n = theta.shape
-    outputs = [theta.new_empty(n) for _ in range(4)]
-    function = getattr(library, f"level_statistics_forward_{_SIGNATURES[theta.dtype][1]}")
-    function.restype = ctypes.c_int64
-
-    def call(begin: int, end: int) -> int:
-        return function(
-            _offset(theta, begin),
-            ctypes.c_int64(num_levels),
-            ctypes.c_int64(end - begin),
-            ctypes.c_int64(n),
-            _pointer(levels),
-            *(_offset(out, begin) for out in outputs),
-        )
-
-    return None if _run_chunked(call, n) != 0 else outputs
+    outputs = [theta.new_empty(theta.shape[1]) for _ in range(4)]
+    bad = _run_kernel(library, "forward", theta, levels, outputs)
+    return None if bad != 0 else outputs
 
 
 def _native_backward(library, theta, levels, mean, grads, need_levels: bool):
     """``(dL/dtheta, dL/dlevels or None)`` from the C kernel."""
-    num_levels, n = theta.shape
     g_theta = torch.empty_like(theta)
     grads = [None if g is None else g.contiguous() for g in grads]
-    function = getattr(library, f"level_statistics_backward_{_SIGNATURES[theta.dtype][1]}")
-    function.restype = ctypes.c_int64
-    chunks = _chunks(n)
-    g_levels = torch.zeros(len(chunks), num_levels, dtype=torch.float64)
+    # One row of level gradients per range of weights, summed afterwards.
+    g_levels = torch.zeros(len(_chunks(theta.shape[1])), theta.shape[0], dtype=torch.float64)
 
-    def call(begin: int, end: int) -> int:
-        index = chunks.index((begin, end))
-        return function(
-            _offset(theta, begin),
-            ctypes.c_int64(num_levels),
-            ctypes.c_int64(end - begin),
-            ctypes.c_int64(n),
-            _pointer(levels),
-            _offset(mean, begin),
-            *(_offset(g, begin) for g in grads),
-            _offset(g_theta, begin),
-            _pointer(g_levels[index]) if need_levels else ctypes.c_void_p(None),
-        )
+    def level_row(index: int) -> tuple[ctypes.c_void_p]:
+        return (_offset(g_levels[index]) if need_levels else ctypes.c_void_p(None),)
 
-    _run_chunked(call, n)
+    _run_kernel(library, "backward", theta, levels, [mean, *grads, g_theta], level_row)
     return g_theta, (g_levels.sum(0).to(theta.dtype) if need_levels else None)
 
 
