@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -56,6 +57,12 @@ def _chunks(n: int) -> list[tuple[int, int]]:
 @functools.cache
 def _executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
+
+
+# A forked child inherits the pool but not its threads, so work handed to it would wait
+# forever; the child builds its own pool instead.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_executor.cache_clear)
 
 
 def _native_library(theta: torch.Tensor) -> ctypes.CDLL | None:

@@ -1,6 +1,8 @@
 """The fused level statistics against their definitions, on both implementations."""
 
 import os
+import select
+import signal
 
 import pytest
 import torch
@@ -91,3 +93,24 @@ def test_chunked_native_run_matches_torch(monkeypatch):
 def test_levels_must_match_the_first_dimension():
     with pytest.raises(ValueError, match="K=3 levels as their first dimension"):
         level_statistics(torch.zeros(4, 2), torch.tensor([-1.0, 0.0, 1.0]))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_can_use_the_thread_pool(monkeypatch):
+    monkeypatch.setattr(level_module, "_MIN_CHUNK", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    logits = _random((3, 1000), torch.float64, seed=4)
+    levels = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    expected = level_statistics(logits, levels).mean  # starts the parent's pool
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report success through the pipe, never return into pytest
+        ok = torch.equal(level_statistics(logits, levels).mean, expected)
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 60)
+    if not ready:  # the child hangs: stop it and fail
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert ready and os.read(read, 1) == b"1"
