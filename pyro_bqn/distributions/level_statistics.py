@@ -38,10 +38,8 @@ class LevelStatistics(NamedTuple):
     """``sum_k q_k log q_k`` (``-H[q]``)."""
 
 
-_SIGNATURES = {
-    torch.float32: (ctypes.c_float, "f"),
-    torch.float64: (ctypes.c_double, "d"),
-}
+# The kernel's name suffix for each supported dtype.
+_SUFFIXES = {torch.float32: "f", torch.float64: "d"}
 # Below this many weights one thread is faster than handing out chunks.
 _MIN_CHUNK = 1 << 15
 # The kernel's block buffers hold at most this many levels (4-bit weights).
@@ -66,7 +64,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _native_library(theta: torch.Tensor) -> ctypes.CDLL | None:
-    if theta.device.type != "cpu" or theta.dtype not in _SIGNATURES:
+    if theta.device.type != "cpu" or theta.dtype not in _SUFFIXES:
         return None
     if theta.shape[0] > _MAX_NATIVE_LEVELS:
         return None
@@ -86,7 +84,7 @@ def _run_kernel(library, direction, theta, levels, arrays, extra=lambda index: (
     ``(n,)`` or levels-first ``(K, n)``), passed offset to each range; ``extra(index)``
     gives range-specific trailing arguments. Returns the count of non-finite logits."""
     num_levels, n = theta.shape
-    function = getattr(library, f"level_statistics_{direction}_{_SIGNATURES[theta.dtype][1]}")
+    function = getattr(library, f"level_statistics_{direction}_{_SUFFIXES[theta.dtype]}")
     function.restype = ctypes.c_int64
     chunks = _chunks(n)
 
