@@ -31,12 +31,24 @@ def test_history_has_one_record_per_epoch(data):
     assert len(history) == 3
     assert [record["epoch"] for record in history] == [1, 2, 3]
     for record in history:
-        assert set(record) == {"loss", "expected_log_likelihood", "kl", "epoch", "seconds"}
+        assert set(record) == {"loss", "expected_log_likelihood", "kl", "epoch", "seconds", "lr"}
         assert all(math.isfinite(value) for value in record.values())
         assert record["seconds"] >= 0 and record["kl"] > 0
         # Per data point: loss = -(E[log p] - kl_weight * KL).
         expected = -(record["expected_log_likelihood"] - 0.5 * record["kl"])
         assert record["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_learning_rate_decays_to_the_final_fraction(data):
+    x, y, _, _ = data
+    model, guide = _model_and_guide()
+    history = fit(
+        model, guide, x, y, epochs=4, batch_size=50, lr=0.2, final_lr_fraction=0.05, progress=False
+    )
+    rates = [record["lr"] for record in history]
+    # 4 steps per epoch, 16 in all: the rate falls by 0.05 ** (1/16) per step.
+    expected = [0.2 * 0.05 ** (4 * epoch / 16) for epoch in range(1, 5)]
+    assert rates == pytest.approx(expected, rel=1e-9)
 
 
 def test_loss_decreases_and_the_network_learns(data):
@@ -136,7 +148,7 @@ def test_fit_with_trace_elbo_and_a_relaxed_guide(data):
     )
     assert len(history) == 25
     for record in history:
-        assert set(record) == {"loss", "epoch", "seconds"}
+        assert set(record) == {"loss", "epoch", "seconds", "lr"}
         assert math.isfinite(record["loss"])
     assert not torch.equal(pyro.param(LOGITS).detach(), before)
     # Noisy single-sample losses: compare the first and last few epochs. Measured over pyro
