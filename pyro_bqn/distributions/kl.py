@@ -44,21 +44,27 @@ def _shared_row(log_p: torch.Tensor) -> torch.Tensor | None:
     """The ``(K,)`` log-probabilities when every batch entry of ``log_p`` shares them (a
     prior expanded to the weights' shape has zero strides there), else ``None``."""
     batch = zip(log_p.stride()[:-1], log_p.shape[:-1], strict=True)
-    if any(stride != 0 and size > 1 for stride, size in batch):
+    if log_p.numel() == 0 or any(stride != 0 and size > 1 for stride, size in batch):
         return None
     return log_p.reshape(-1, log_p.shape[-1])[0]
 
 
 def _shared_prior_kl(q: QuantizedCategorical, log_p: torch.Tensor) -> torch.Tensor | None:
     """``sum_k q_k log q_k - sum_k q_k log p_k`` from ``q``'s fused statistics when the prior
-    is the same for every weight (the usual case), else ``None``. A uniform prior makes the
-    second sum the constant ``log p_1``."""
+    is the same for every weight (the usual case), else ``None``. A fixed uniform prior
+    makes the second sum the constant ``log p_1``; a learnable one keeps the full sum, whose
+    gradient reaches every ``log p_k``."""
     row = _shared_row(log_p)
     if row is None:
         return None
-    cross = row[0] if bool((row == row[0]).all()) else q.probs @ row.to(q.probs.dtype)
+    neg_entropy = q.statistics.neg_entropy
+    dtype = torch.promote_types(neg_entropy.dtype, log_p.dtype)
+    uniform = not row.requires_grad and bool((row == row[0]).all())
+    cross = row[0] if uniform else q.probs @ row.to(q.probs.dtype)
+    kl = neg_entropy.to(dtype) - cross.to(dtype)
     shape = torch.broadcast_shapes(q.batch_shape, log_p.shape[:-1])
-    return (q.statistics.neg_entropy - cross).expand(shape)
+    # A fresh tensor, as the term-by-term path returns (not a view callers could not write).
+    return kl if kl.shape == shape else kl.expand(shape).contiguous()
 
 
 def _categorical_kl(q: QuantizedCategorical, log_p: torch.Tensor) -> torch.Tensor:

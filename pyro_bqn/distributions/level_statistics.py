@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from pyro_bqn import native
 
@@ -40,6 +41,11 @@ class LevelStatistics(NamedTuple):
 
 # The kernel's name suffix for each supported dtype.
 _SUFFIXES = {torch.float32: "f", torch.float64: "d"}
+_KERNEL_NAMES = tuple(
+    f"level_statistics_{direction}_{suffix}"
+    for direction in ("forward", "backward")
+    for suffix in _SUFFIXES.values()
+)
 # Below this many weights one thread is faster than handing out chunks.
 _MIN_CHUNK = 1 << 15
 # The kernel's block buffers hold at most this many levels (4-bit weights).
@@ -68,7 +74,7 @@ def _native_library(theta: torch.Tensor) -> ctypes.CDLL | None:
         return None
     if theta.shape[0] > _MAX_NATIVE_LEVELS:
         return None
-    return native.load("level_statistics")
+    return native.load("level_statistics", _KERNEL_NAMES)
 
 
 def _offset(tensor: torch.Tensor | None, begin: int = 0) -> ctypes.c_void_p:
@@ -154,7 +160,8 @@ class _LevelStatisticsFunction(torch.autograd.Function):
 
     where ``a = dL/dmean - 2 mean dL/dvar`` and ``b = dL/dE[w^2] + dL/dvar`` (the ``+1``
     of ``d(q log q)/dq`` cancels in the centred form). The variance's clamp only absorbs
-    rounding, so its gradient is taken as that of ``E[w^2] - E[w]^2``.
+    rounding, so its gradient is taken as that of ``E[w^2] - E[w]^2``. The backward pass is
+    not itself differentiable (second derivatives raise an error).
 
     The C kernel (:mod:`pyro_bqn.native`) does each direction in one pass over the logits;
     the torch code computes the same values where the kernel is unavailable or a logit is
@@ -176,6 +183,7 @@ class _LevelStatisticsFunction(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         if all(g is None for g in grads):
             return None, None

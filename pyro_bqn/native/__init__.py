@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import getpass
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -41,19 +41,25 @@ def enabled() -> bool:
     return os.environ.get("PYRO_BQN_NATIVE", "1") != "0"
 
 
+@functools.cache
+def _private_temp_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="pyro_bqn-"))
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("PYRO_BQN_CACHE")
     if root:
         return Path(root)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyro_bqn"
     try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyro_bqn"
         base.mkdir(parents=True, exist_ok=True)
-    except OSError:
+        if os.access(base, os.W_OK):
+            return base
+    except (OSError, RuntimeError, KeyError):  # no home (a container user without passwd)
         pass
-    if os.access(base, os.W_OK):
-        return base
-    # A read-only home (some CI and cluster setups): build in a per-user temporary folder.
-    return Path(tempfile.gettempdir()) / f"pyro_bqn-{getpass.getuser()}"
+    # A read-only home (some CI and cluster setups): a private folder for this process. A
+    # fixed path in the shared temporary folder would let another user plant a library.
+    return _private_temp_dir()
 
 
 def _cpu_signature() -> str:
@@ -66,52 +72,75 @@ def _cpu_signature() -> str:
 
 
 def _run(command: list[str]) -> bool:
-    return subprocess.run(command, capture_output=True, check=False).returncode == 0
+    try:
+        result = subprocess.run(command, capture_output=True, check=False, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
 
 
-def _build(source: Path, target: Path, compiler: str, flags: tuple[list[str], list[str]]) -> bool:
+def _build(
+    source: Path, target: Path, compiler: list[str], flags: tuple[list[str], list[str]]
+) -> bool:
     compile_flags, link_flags = flags
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename, so concurrent processes never load a partial file.
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        objects, partial = Path(scratch) / "kernel.o", Path(scratch) / target.name
-        if not (
-            _run([compiler, "-c", "-fPIC", *compile_flags, str(source), "-o", str(objects)])
-            and _run([compiler, "-shared", str(objects), "-o", str(partial), *link_flags])
-        ):
-            return False
-        os.replace(partial, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: concurrent processes never see a partial file.
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            objects, partial = Path(scratch) / "kernel.o", Path(scratch) / target.name
+            if not (
+                _run([*compiler, "-c", "-fPIC", *compile_flags, str(source), "-o", str(objects)])
+                and _run([*compiler, "-shared", str(objects), "-o", str(partial), *link_flags])
+            ):
+                return False
+            os.replace(partial, target)
+    except OSError:
+        return False
     return True
 
 
+def _open(target: Path, symbols: tuple[str, ...]) -> ctypes.CDLL | None:
+    """The library at ``target`` if it loads and defines ``symbols``, else ``None``."""
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError:
+        return None
+    return library if all(hasattr(library, symbol) for symbol in symbols) else None
+
+
 @functools.cache
-def load(name: str) -> ctypes.CDLL | None:
+def load(name: str, symbols: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The compiled ``pyro_bqn/native/<name>.c`` as a :class:`ctypes.CDLL`, or ``None``
-    (with a warning, once) when native kernels are disabled or cannot be built."""
+    (with a warning, once) when native kernels are disabled or cannot be built.
+
+    :param symbols: functions the library must define; a cached file without them (left by
+        an interrupted or foreign build) is rebuilt.
+    """
     if not enabled():
         return None
     source = _SOURCE_DIR / f"{name}.c"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler_command = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler_command is None:
         warnings.warn(
             f"pyro_bqn: no C compiler found; using the slower torch implementation of {name}",
             RuntimeWarning,
             stacklevel=2,
         )
         return None
+    compiler = shlex.split(compiler_command)  # CC may carry arguments, e.g. "ccache gcc"
     code = source.read_bytes()
     for flags in _FLAG_SETS:
         recipe = f"{flags} {compiler} {_cpu_signature()}".encode()
         key = hashlib.sha256(code + b"\0" + recipe).hexdigest()[:16]
         target = _cache_dir() / f"{name}-{key}.so"
-        try:
-            if target.exists() or _build(source, target, compiler, flags):
-                return ctypes.CDLL(str(target))
-        except OSError:
-            continue
+        library = _open(target, symbols) if target.exists() else None
+        if library is None and _build(source, target, compiler, flags):
+            library = _open(target, symbols)
+        if library is not None:
+            return library
     warnings.warn(
-        f"pyro_bqn: could not compile {source} with {compiler}; using the slower torch "
-        f"implementation of {name}",
+        f"pyro_bqn: could not compile {source} with {compiler_command}; using the slower "
+        f"torch implementation of {name}",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -168,3 +168,32 @@ def test_kl_to_a_prior_shared_by_every_weight_matches_the_termwise_sum(prior_log
     (grad,) = torch.autograd.grad(kl.sum(), logits)
     (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
     torch.testing.assert_close(grad, expected_grad)
+
+
+def test_kl_gradient_reaches_a_learnable_uniform_prior():
+    # A prior whose logits start equal is uniform by value but not constant: the shortcut
+    # for a fixed uniform prior must not cut its gradient.
+    ternary = levels.ternary()
+    q = QuantizedCategorical(ternary, logits=_logits(4, 5, 3, seed=17))
+    prior_logits = torch.zeros(3, requires_grad=True)
+    prior = QuantizedCategorical(ternary, logits=prior_logits).expand((4, 5))
+    (grad,) = torch.autograd.grad(kl_divergence(q, prior).sum(), prior_logits)
+    # d/d(prior logits) of -sum_w sum_k q_wk log softmax(prior)_k = 20 p - sum_w q_w.
+    expected = 20 * torch.softmax(prior_logits, 0).detach() - q.probs.detach().sum((0, 1))
+    torch.testing.assert_close(grad, expected)
+
+
+def test_kl_to_an_empty_expanded_prior_is_empty():
+    ternary = levels.ternary()
+    q = QuantizedCategorical(ternary, logits=torch.zeros(0, 5, 3), validate_args=False)
+    prior = QuantizedCategorical(ternary, logits=torch.zeros(3)).expand((0, 5))
+    assert kl_divergence(q, prior).shape == (0, 5)
+
+
+def test_kl_broadcast_to_the_prior_is_a_fresh_tensor_in_the_promoted_dtype():
+    ternary = levels.ternary()
+    q = QuantizedCategorical(ternary, logits=_logits(5, 3, seed=18))
+    prior = QuantizedCategorical(ternary, logits=torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+    kl = kl_divergence(q, prior.expand((2, 5)))
+    assert kl.shape == (2, 5) and kl.dtype == torch.float64
+    kl.mul_(2.0)  # writable: not a broadcast view

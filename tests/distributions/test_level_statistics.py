@@ -114,3 +114,13 @@ def test_a_forked_child_can_use_the_thread_pool(monkeypatch):
         os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     assert ready and os.read(read, 1) == b"1"
+
+
+def test_second_derivatives_are_refused(implementation):
+    logits = _random((3, 6), torch.float64, seed=5).requires_grad_()
+    levels = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    (grad,) = torch.autograd.grad(
+        level_statistics(logits, levels).var.sum(), logits, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(grad.square().sum(), logits)

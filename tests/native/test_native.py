@@ -1,5 +1,7 @@
 import ctypes
 import os
+import shutil
+import stat
 
 import pytest
 import torch
@@ -34,13 +36,57 @@ def test_disabled_by_environment(monkeypatch):
     assert native.load.__wrapped__("level_statistics") is None
 
 
-def test_unwritable_cache_falls_back_to_a_temporary_folder(tmp_path, monkeypatch):
+def _assert_private_folder(folder):
+    assert folder.name.startswith("pyro_bqn-")
+    info = folder.stat()
+    # Only this user may write there, so nobody can plant a library to be loaded.
+    assert info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o700
+
+
+def test_unwritable_cache_falls_back_to_a_private_temporary_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("PYRO_BQN_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert native._cache_dir() == tmp_path / "pyro_bqn"
     monkeypatch.setattr(native.os, "access", lambda path, mode: False)
     fallback = native._cache_dir()
-    assert fallback.name.startswith("pyro_bqn-") and tmp_path not in fallback.parents
+    assert tmp_path not in fallback.parents
+    _assert_private_folder(fallback)
+
+
+def test_no_home_directory_falls_back_to_a_private_temporary_folder(monkeypatch):
+    monkeypatch.delenv("PYRO_BQN_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(native.Path, "home", staticmethod(no_home))
+    _assert_private_folder(native._cache_dir())
+
+
+def test_a_damaged_cached_library_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYRO_BQN_CACHE", str(tmp_path))
+    if os.environ.get("PYRO_BQN_NATIVE") == "0":
+        pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
+    symbols = ("level_statistics_forward_f",)
+    assert native.load.__wrapped__("level_statistics", symbols) is not None
+    (built,) = tmp_path.glob("level_statistics-*.so")
+    # Replace the file (a new inode) rather than overwrite it: this process has the first
+    # build mapped, and rewriting mapped code in place would crash it.
+    damaged = tmp_path / "damaged"
+    damaged.write_bytes(b"not a shared library")
+    os.replace(damaged, built)
+    library = native.load.__wrapped__("level_statistics", symbols)
+    assert library is not None and hasattr(library, symbols[0])
+
+
+def test_compiler_command_may_carry_arguments(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYRO_BQN_CACHE", str(tmp_path))
+    if os.environ.get("PYRO_BQN_NATIVE") == "0":
+        pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    monkeypatch.setenv("CC", f"env {compiler}")
+    assert native.load.__wrapped__("level_statistics") is not None
 
 
 def test_loading_a_kernel_keeps_subnormal_numbers(tmp_path, monkeypatch):
