@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from pyro_bqn import native
 
-__all__ = ["LevelStatistics", "level_statistics"]
+__all__ = ["LevelStatistics", "level_statistics", "statistics_from_probs"]
 
 
 class LevelStatistics(NamedTuple):
@@ -127,13 +127,22 @@ def _native_backward(library, theta, levels, mean, grads, need_levels: bool):
     return g_theta, (g_levels.sum(0).to(theta.dtype) if need_levels else None)
 
 
+def statistics_from_probs(probs: torch.Tensor, levels: torch.Tensor) -> LevelStatistics:
+    """The :class:`LevelStatistics` of given probabilities ``probs`` (levels first, shape
+    ``(K,) + S``), by ordinary differentiable torch operations."""
+    flat = probs.reshape(probs.shape[0], -1)
+    mean, second = torch.stack([levels, levels.square()]).to(flat.dtype) @ flat
+    var = torch.addcmul(second, mean, mean, value=-1.0).clamp_min(0.0)
+    neg_entropy = torch.special.xlogy(flat, flat).sum(0)
+    return LevelStatistics(
+        *(out.reshape(probs.shape[1:]) for out in (mean, var, second, neg_entropy))
+    )
+
+
 def _torch_forward(theta: torch.Tensor, levels: torch.Tensor):
     log_q = torch.log_softmax(theta, dim=0)
     q = log_q.exp()
-    mean, second = torch.stack([levels, levels.square()]) @ q
-    var = torch.addcmul(second, mean, mean, value=-1.0).clamp_min_(0.0)
-    neg_entropy = torch.special.xlogy(q, q).sum(0)
-    return [mean, var, second, neg_entropy], log_q, q
+    return list(statistics_from_probs(q, levels)), log_q, q
 
 
 def _torch_backward(log_q, q, levels, mean, grads, need_levels: bool):

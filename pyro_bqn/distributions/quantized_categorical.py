@@ -6,7 +6,11 @@ import torch
 from pyro.distributions import Categorical, TorchDistribution, constraints
 from torch.distributions.utils import lazy_property
 
-from pyro_bqn.distributions.level_statistics import LevelStatistics, level_statistics
+from pyro_bqn.distributions.level_statistics import (
+    LevelStatistics,
+    level_statistics,
+    statistics_from_probs,
+)
 from pyro_bqn.distributions.relaxed_value import soft_onehot_of
 from pyro_bqn.levels import LevelSet, check_levels
 from pyro_bqn.moments import Moments
@@ -102,14 +106,7 @@ class QuantizedCategorical(TorchDistribution):
         """
         if self._logits_param is not None:
             return level_statistics(self._logits_param.movedim(-1, 0), self.levels)
-        probs = self.probs
-        mean, second = (probs @ torch.stack([self.levels, self.levels.square()], -1)).unbind(-1)
-        return LevelStatistics(
-            mean,
-            torch.addcmul(second, mean, mean, value=-1.0).clamp_min(0.0),
-            second,
-            torch.special.xlogy(probs, probs).sum(-1),
-        )
+        return statistics_from_probs(self.probs.movedim(-1, 0), self.levels)
 
     @constraints.dependent_property(is_discrete=True, event_dim=0)
     def support(self) -> LevelSupport:
