@@ -84,11 +84,11 @@ def _offset(tensor: torch.Tensor | None, begin: int = 0) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr() + begin * tensor.element_size())
 
 
-def _run_kernel(library, direction, theta, levels, arrays, extra=lambda index: ()) -> int:
+def _run_kernel(library, direction, theta, levels, arrays) -> bool:
     """Run ``level_statistics_<direction>`` over ranges of weights, in parallel threads for
     large tensors (ctypes releases the GIL). ``arrays`` are per-weight tensors (shape
-    ``(n,)`` or levels-first ``(K, n)``), passed offset to each range; ``extra(index)``
-    gives range-specific trailing arguments. Returns the count of non-finite logits."""
+    ``(n,)`` or levels-first ``(K, n)``), passed offset to each range. Returns whether the
+    result is unusable (a non-finite logit, or a number of levels the kernel lacks)."""
     num_levels, n = theta.shape
     function = getattr(library, f"level_statistics_{direction}_{_SUFFIXES[theta.dtype]}")
     function.restype = ctypes.c_int64
@@ -98,33 +98,31 @@ def _run_kernel(library, direction, theta, levels, arrays, extra=lambda index: (
         begin, end = chunks[index]
         sizes = (ctypes.c_int64(num_levels), ctypes.c_int64(end - begin), ctypes.c_int64(n))
         offsets = (_offset(array, begin) for array in arrays)
-        return function(_offset(theta, begin), *sizes, _offset(levels), *offsets, *extra(index))
+        return function(_offset(theta, begin), *sizes, _offset(levels), *offsets)
 
     if len(chunks) == 1:
-        return call(0)
-    return sum(_executor().map(call, range(len(chunks))))
+        return call(0) != 0
+    return any(status != 0 for status in _executor().map(call, range(len(chunks))))
 
 
 def _native_forward(library, theta: torch.Tensor, levels: torch.Tensor):
-    """``(mean, var, second, neg_entropy)`` from the C kernel, or ``None`` when ``theta``
-    holds a non-finite logit (the kernel assumes finite values)."""
-    outputs = [theta.new_empty(theta.shape[1]) for _ in range(4)]
-    bad = _run_kernel(library, "forward", theta, levels, outputs)
-    return None if bad != 0 else outputs
+    """``(mean, var, second, neg_entropy, log_normaliser)`` from the C kernel, or ``None``
+    when ``theta`` holds a non-finite logit (the kernel assumes finite values)."""
+    outputs = [theta.new_empty(theta.shape[1]) for _ in range(5)]
+    return None if _run_kernel(library, "forward", theta, levels, outputs) else outputs
 
 
-def _native_backward(library, theta, levels, mean, grads, need_levels: bool):
-    """``(dL/dtheta, dL/dlevels or None)`` from the C kernel."""
+def _native_backward(library, theta, levels, mean, log_normaliser, grads, need_levels: bool):
+    """``(dL/dtheta, dL/dlevels or None)``: the first from the C kernel; the second, needed
+    only for learnable levels, by torch (it sums over every weight, which the kernel's
+    weight-parallel loop does not)."""
     g_theta = torch.empty_like(theta)
     grads = [None if g is None else g.contiguous() for g in grads]
-    # One row of level gradients per range of weights, summed afterwards.
-    g_levels = torch.zeros(len(_chunks(theta.shape[1])), theta.shape[0], dtype=torch.float64)
-
-    def level_row(index: int) -> tuple[ctypes.c_void_p]:
-        return (_offset(g_levels[index]) if need_levels else ctypes.c_void_p(None),)
-
-    _run_kernel(library, "backward", theta, levels, [mean, *grads, g_theta], level_row)
-    return g_theta, (g_levels.sum(0).to(theta.dtype) if need_levels else None)
+    _run_kernel(library, "backward", theta, levels, [mean, log_normaliser, *grads, g_theta])
+    if not need_levels:
+        return g_theta, None
+    q = torch.exp(theta - log_normaliser)
+    return g_theta, _level_gradient(q, levels, *_centred_weights(mean, grads))
 
 
 def statistics_from_probs(probs: torch.Tensor, levels: torch.Tensor) -> LevelStatistics:
@@ -145,16 +143,26 @@ def _torch_forward(theta: torch.Tensor, levels: torch.Tensor):
     return list(statistics_from_probs(q, levels)), log_q, q
 
 
+def _centred_weights(mean: torch.Tensor, grads) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a = dL/dmean - 2 mean dL/dvar`` and ``b = dL/dE[w^2] + dL/dvar`` (see
+    :class:`_LevelStatisticsFunction`), each ``(N,)``; a missing gradient counts as 0."""
+    g_mean, g_var, g_second, _ = (torch.zeros_like(mean) if g is None else g for g in grads)
+    return torch.addcmul(g_mean, mean, g_var, value=-2.0), g_second + g_var
+
+
+def _level_gradient(q: torch.Tensor, levels: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """``dL/dv_k = sum_i q_ik (a_i + 2 v_k b_i)``, shape ``(K,)``."""
+    return q @ a + 2 * levels * (q @ b)
+
+
 def _torch_backward(log_q, q, levels, mean, grads, need_levels: bool):
-    g_mean, g_var, g_second, g_h = (torch.zeros_like(mean) if g is None else g for g in grads)
-    a = torch.addcmul(g_mean, mean, g_var, value=-2.0)
-    b = g_second + g_var
+    a, b = _centred_weights(mean, grads)
     g = levels.unsqueeze(-1) * a + levels.square().unsqueeze(-1) * b
-    # q log q has derivative log q + 1; the constant cancels below, and 0 log 0 counts 0.
-    g = g + torch.where(q > 0, log_q, 0.0) * g_h
+    if grads[3] is not None:
+        # q log q has derivative log q + 1; the constant cancels below, and 0 log 0 counts 0.
+        g = g + torch.where(q > 0, log_q, 0.0) * grads[3]
     g_theta = q * (g - (q * g).sum(0))
-    g_levels = q @ a + 2 * levels * (q @ b) if need_levels else None
-    return g_theta, g_levels
+    return g_theta, (_level_gradient(q, levels, a, b) if need_levels else None)
 
 
 class _LevelStatisticsFunction(torch.autograd.Function):
@@ -184,8 +192,8 @@ class _LevelStatisticsFunction(torch.autograd.Function):
         outputs = None if library is None else _native_forward(library, theta, levels)
         if outputs is not None:
             ctx.native = library
-            ctx.save_for_backward(theta, levels, outputs[0])
-            return tuple(outputs)
+            ctx.save_for_backward(theta, levels, outputs[0], outputs[4])
+            return tuple(outputs[:4])
         outputs, log_q, q = _torch_forward(theta, levels)
         ctx.native = None
         ctx.save_for_backward(log_q, q, levels, outputs[0])
@@ -198,8 +206,7 @@ class _LevelStatisticsFunction(torch.autograd.Function):
             return None, None
         need_levels = ctx.needs_input_grad[1]
         if ctx.native is not None:
-            theta, levels, mean = ctx.saved_tensors
-            return _native_backward(ctx.native, theta, levels, mean, grads, need_levels)
+            return _native_backward(ctx.native, *ctx.saved_tensors, grads, need_levels)
         log_q, q, levels, mean = ctx.saved_tensors
         return _torch_backward(log_q, q, levels, mean, grads, need_levels)
 
