@@ -58,7 +58,9 @@ class Moments:
     :param mean: tensor of any shape ``S``.
     :param var: tensor broadcastable to ``S``; non-negative.
     :param second_moment: ``E[x^2]`` when the caller has it already (it saves recomputing
-        ``var + mean^2`` on large weight tensors); shape ``S``.
+        ``var + mean^2`` on large weight tensors); shape ``S``, or a 0-dim tensor when it
+        is the same everywhere (e.g. ``1`` for the outputs of :class:`~pyro_bqn.nn.Sign`,
+        which lets :func:`~pyro_bqn.nn.quantized_layer.propagate` save a product).
     """
 
     __slots__ = ("mean", "var", "_second_moment")
@@ -92,14 +94,22 @@ class Moments:
         """``E[x^2] = var + mean^2``, same shape as :attr:`mean`."""
         if self._second_moment is None:
             return self.var + self.mean.square()
-        return self._second_moment
+        return self._second_moment.expand(self.mean.shape)
+
+    @property
+    def constant_second_moment(self) -> torch.Tensor | None:
+        """``E[x^2]`` as a 0-dim tensor when it is the same for every entry, else ``None``."""
+        second = self._second_moment
+        return second if second is not None and second.dim() == 0 else None
 
     def reshape(self, *shape: int) -> Moments:
         """Reshape mean and variance alike (a reshape moves entries, it mixes none)."""
-        return Moments(self.mean.reshape(*shape), self.var.reshape(*shape))
+        return Moments(
+            self.mean.reshape(*shape), self.var.reshape(*shape), self.constant_second_moment
+        )
 
     def __getitem__(self, index: Any) -> Moments:
-        return Moments(self.mean[index], self.var[index])
+        return Moments(self.mean[index], self.var[index], self.constant_second_moment)
 
     def __repr__(self) -> str:
         return f"Moments(shape={tuple(self.shape)})"

@@ -216,10 +216,9 @@ class AutoQuantizedGuide(AutoGuide):
             logits = self.site_logits(name)
             # The logits are this guide's own unconstrained parameters; re-validating them
             # costs several passes over every weight per step. DeterministicELBO refuses a
-            # NaN loss instead.
-            return QuantizedCategorical(
-                self._level_values(name), logits=logits, validate_args=False
-            )
+            # NaN loss instead. A LevelSet (rather than its values) skips re-checking levels
+            # the model's prior has checked already.
+            return QuantizedCategorical(self._levels[name], logits=logits, validate_args=False)
         return dist.Normal(attrgetter(name)(self.locs), attrgetter(name)(self.scales))
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:

@@ -75,7 +75,7 @@ class QuantizedConv2d(QuantizedLayer):
                 f"QuantizedConv2d expected input of shape (N, in_channels={self.in_channels}, "
                 f"H, W), got {tuple(x.shape)}"
             )
-        y = propagate(self._conv, x, self.sampled_weight())
+        y = propagate(self._conv, x, self.sampled_weight(), feature_dims=3)
         if self.bias is None:
             return y
         return add_bias(y, self.bias, (self.out_channels, 1, 1))

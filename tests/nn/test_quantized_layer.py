@@ -83,6 +83,49 @@ def test_conv_moments_match_monte_carlo(channels, kernel, levels, input_random, 
     )
 
 
+def _pm_one_inputs(shape, generator, dtype=torch.float64):
+    """Moments of +-1 activations (as Sign emits): mean m, variance 1 - m^2, E[x^2] = 1."""
+    mean = 2 * torch.rand(shape, generator=generator, dtype=dtype) - 1
+    return Moments(mean, 1 - mean.square(), second_moment=torch.ones((), dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    "op, x_shape, w_shape",
+    [
+        (F.linear, (5, 7), (4, 7)),
+        (F.linear, (2, 3, 7), (4, 7)),
+        (lambda x, w: F.conv2d(x, w, padding=1), (3, 2, 4, 4), (5, 2, 3, 3)),
+    ],
+)
+def test_constant_second_moment_inputs_match_the_general_rule(op, x_shape, w_shape):
+    gen = torch.Generator().manual_seed(0)
+    x = _pm_one_inputs(x_shape, gen)
+    w = _weight_posterior(ternary(), w_shape, gen)
+    weight = SiteMoments(w.mean, w.variance)
+    feature_dims = len(x_shape) - 1 if len(w_shape) == 4 else 1
+    fast = propagate(op, x, weight, feature_dims=feature_dims)
+    general = propagate(op, Moments(x.mean, x.var), weight)
+    torch.testing.assert_close(fast.mean, general.mean)
+    torch.testing.assert_close(fast.var, general.var, rtol=1e-10, atol=1e-12)
+
+
+def test_constant_second_moment_rounding_stays_within_its_bound():
+    # Confident inputs and weights make the two sums nearly cancel; in float32 the error
+    # is bounded by a few eps * sum E[W^2] (here 512 weights per output).
+    gen = torch.Generator().manual_seed(1)
+    x = _pm_one_inputs((64, 512), gen)
+    x = Moments(x.mean.sign() * 0.999, x.var, x.constant_second_moment)
+    logits = 8 * torch.randn(10, 512, 3, generator=gen, dtype=torch.float64)
+    w = QuantizedCategorical(ternary().values.double(), logits=logits)
+    general = Moments(x.mean, 1 - x.mean.square())
+    exact = propagate(F.linear, general, SiteMoments(w.mean, w.variance))
+    single = Moments(x.mean.float(), x.var.float(), x.constant_second_moment.float())
+    fast = propagate(F.linear, single, SiteMoments(w.mean.float(), w.variance.float()))
+    bound = 16 * torch.finfo(torch.float32).eps * w.second_moment.sum(-1)
+    assert ((fast.var.double() - exact.var).abs() <= bound).all()
+    assert (fast.var > 0).all()
+
+
 def test_fixed_input_and_weights_give_a_plain_tensor():
     x, w = torch.randn(4, 3), torch.randn(2, 3)
     out = propagate(F.linear, x, w)
