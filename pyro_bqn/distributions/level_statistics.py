@@ -77,18 +77,28 @@ def _native_library(theta: torch.Tensor) -> ctypes.CDLL | None:
     return native.load("level_statistics", _KERNEL_NAMES)
 
 
+def _is_broadcast(tensor: torch.Tensor) -> bool:
+    """Whether a ``(n,)`` tensor is one value seen ``n`` times (stride 0: the gradient of a
+    sum arrives so)."""
+    return tensor.dim() == 1 and tensor.stride(0) == 0
+
+
 def _offset(tensor: torch.Tensor | None, begin: int = 0) -> ctypes.c_void_p:
-    """Address of ``tensor``'s entry ``begin`` (of each row, for a levels-first array)."""
+    """Address of ``tensor``'s entry ``begin`` (of each row, for a levels-first array; a
+    broadcast value stays where it is)."""
     if tensor is None:
         return ctypes.c_void_p(None)
+    if _is_broadcast(tensor):
+        return ctypes.c_void_p(tensor.data_ptr())
     return ctypes.c_void_p(tensor.data_ptr() + begin * tensor.element_size())
 
 
-def _run_kernel(library, direction, theta, levels, arrays) -> bool:
+def _run_kernel(library, direction, theta, levels, arrays, *scalars: int) -> bool:
     """Run ``level_statistics_<direction>`` over ranges of weights, in parallel threads for
     large tensors (ctypes releases the GIL). ``arrays`` are per-weight tensors (shape
-    ``(n,)`` or levels-first ``(K, n)``), passed offset to each range. Returns whether the
-    result is unusable (a non-finite logit, or a number of levels the kernel lacks)."""
+    ``(n,)`` or levels-first ``(K, n)``), passed offset to each range, then ``scalars``.
+    Returns whether the result is unusable (a non-finite logit, or a number of levels the
+    kernel lacks)."""
     num_levels, n = theta.shape
     function = getattr(library, f"level_statistics_{direction}_{_SUFFIXES[theta.dtype]}")
     function.restype = ctypes.c_int64
@@ -98,7 +108,8 @@ def _run_kernel(library, direction, theta, levels, arrays) -> bool:
         begin, end = chunks[index]
         sizes = (ctypes.c_int64(num_levels), ctypes.c_int64(end - begin), ctypes.c_int64(n))
         offsets = (_offset(array, begin) for array in arrays)
-        return function(_offset(theta, begin), *sizes, _offset(levels), *offsets)
+        trailing = (ctypes.c_int64(value) for value in scalars)
+        return function(_offset(theta, begin), *sizes, _offset(levels), *offsets, *trailing)
 
     if len(chunks) == 1:
         return call(0) != 0
@@ -117,8 +128,12 @@ def _native_backward(library, theta, levels, mean, log_normaliser, grads, need_l
     only for learnable levels, by torch (it sums over every weight, which the kernel's
     weight-parallel loop does not)."""
     g_theta = torch.empty_like(theta)
-    grads = [None if g is None else g.contiguous() for g in grads]
-    _run_kernel(library, "backward", theta, levels, [mean, log_normaliser, *grads, g_theta])
+    # A sum's gradient is one value for every weight; the kernel reads it as such rather
+    # than from a materialised copy.
+    broadcast = sum(1 << j for j, g in enumerate(grads) if g is not None and _is_broadcast(g))
+    grads = [g if g is None or _is_broadcast(g) else g.contiguous() for g in grads]
+    arrays = [mean, log_normaliser, *grads, g_theta]
+    _run_kernel(library, "backward", theta, levels, arrays, broadcast)
     if not need_levels:
         return g_theta, None
     q = torch.exp(theta - log_normaliser)

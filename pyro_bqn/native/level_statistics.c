@@ -78,27 +78,38 @@ static inline int32_t not_finite_d(double x) {
     return bad;                                                                            \
   }
 
-/* Gradients may be NULL (an output the loss does not use): such a gradient reads from a
- * block of zeros, so the vectorised loop needs no per-weight test. lse is the forward
- * pass's log-normaliser, so log q_k = theta_k - lse needs neither a maximum nor a log. */
-#define ZERO_BLOCK 1024
+/* Gradients may be NULL (an output the loss does not use: zero) or, when bit j of
+ * broadcast is set (j = 0..3 for g_mean, g_var, g_second, g_negent), hold one value for
+ * every weight (the gradient of a sum). Both read from a block filled once, so the
+ * vectorised loop needs no per-weight test. lse is the forward pass's log-normaliser, so
+ * log q_k = theta_k - lse needs neither a maximum nor a log. */
+#define BLOCK 1024
+#define GRADIENT_SOURCE(T, NAME, BIT)                                                      \
+  T NAME##_block[BLOCK];                                                                   \
+  const int NAME##_fixed = NAME == NULL || ((broadcast >> (BIT)) & 1);                     \
+  if (NAME##_fixed) {                                                                      \
+    const T value = NAME == NULL ? 0 : NAME[0];                                            \
+    for (int64_t i = 0; i < BLOCK; ++i) NAME##_block[i] = value;                           \
+  }
+#define GRADIENT_AT(NAME, START) (NAME##_fixed ? NAME##_block : NAME + (START))
 #define DEFINE_BACKWARD(T, SUFFIX, EXP)                                                    \
-  static const T zeros_##SUFFIX[ZERO_BLOCK];                                               \
   static inline __attribute__((always_inline)) int64_t backward_##SUFFIX(                  \
       const T *theta, const int K, int64_t n, int64_t stride, const T *v, const T *mean,   \
       const T *lse, const T *g_mean, const T *g_var, const T *g_second, const T *g_negent, \
-      T *g_theta) {                                                                        \
+      T *g_theta, int64_t broadcast) {                                                     \
     T v1[MAX_LEVELS], v2[MAX_LEVELS];                                                      \
     for (int k = 0; k < K; ++k) {                                                          \
       v1[k] = v[k];                                                                        \
       v2[k] = v[k] * v[k];                                                                 \
     }                                                                                      \
-    for (int64_t start = 0; start < n; start += ZERO_BLOCK) {                              \
-      const int64_t len = n - start < ZERO_BLOCK ? n - start : ZERO_BLOCK;                 \
-      const T *gm = g_mean ? g_mean + start : zeros_##SUFFIX;                              \
-      const T *gv = g_var ? g_var + start : zeros_##SUFFIX;                                \
-      const T *gs = g_second ? g_second + start : zeros_##SUFFIX;                          \
-      const T *gh = g_negent ? g_negent + start : zeros_##SUFFIX;                          \
+    GRADIENT_SOURCE(T, g_mean, 0)                                                          \
+    GRADIENT_SOURCE(T, g_var, 1)                                                           \
+    GRADIENT_SOURCE(T, g_second, 2)                                                        \
+    GRADIENT_SOURCE(T, g_negent, 3)                                                        \
+    for (int64_t start = 0; start < n; start += BLOCK) {                                   \
+      const int64_t len = n - start < BLOCK ? n - start : BLOCK;                           \
+      const T *gm = GRADIENT_AT(g_mean, start), *gv = GRADIENT_AT(g_var, start);           \
+      const T *gs = GRADIENT_AT(g_second, start), *gh = GRADIENT_AT(g_negent, start);      \
       _Pragma("omp simd") for (int64_t i = 0; i < len; ++i) {                              \
         const int64_t j = start + i;                                                       \
         const T a = gm[i] - 2 * mean[j] * gv[i], b = gs[i] + gv[i], h = gh[i];             \
@@ -147,16 +158,16 @@ static inline int32_t not_finite_d(double x) {
   int64_t level_statistics_backward_##SUFFIX(                                              \
       const T *theta, int64_t num_levels, int64_t n, int64_t stride, const T *v,           \
       const T *mean, const T *lse, const T *g_mean, const T *g_var, const T *g_second,     \
-      const T *g_negent, T *g_theta) {                                                     \
+      const T *g_negent, T *g_theta, int64_t broadcast) {                                  \
     DISPATCH(BACKWARD_##SUFFIX)                                                            \
   }
 
 #define FORWARD_f(K) forward_f(theta, K, n, stride, v, mean, var, second, negent, lse)
 #define FORWARD_d(K) forward_d(theta, K, n, stride, v, mean, var, second, negent, lse)
 #define BACKWARD_f(K) \
-  backward_f(theta, K, n, stride, v, mean, lse, g_mean, g_var, g_second, g_negent, g_theta)
+  backward_f(theta, K, n, stride, v, mean, lse, g_mean, g_var, g_second, g_negent, g_theta, broadcast)
 #define BACKWARD_d(K) \
-  backward_d(theta, K, n, stride, v, mean, lse, g_mean, g_var, g_second, g_negent, g_theta)
+  backward_d(theta, K, n, stride, v, mean, lse, g_mean, g_var, g_second, g_negent, g_theta, broadcast)
 
 DEFINE_ENTRY_POINTS(float, f, expf, logf)
 DEFINE_ENTRY_POINTS(double, d, exp, log)

@@ -75,7 +75,10 @@ def test_non_finite_logits_give_the_exact_answer(implementation):
     assert torch.isfinite(torch.stack(list(stats))).all()
 
 
-def test_chunked_native_run_matches_torch(monkeypatch):
+@pytest.mark.parametrize("broadcast", [(), (1,), (0, 3)], ids=["none", "var", "mean+negent"])
+def test_chunked_native_run_matches_torch(monkeypatch, broadcast):
+    # Gradients of sums arrive as one value with stride 0; the kernel must read that value
+    # for every range of weights, not step through memory past it.
     if NATIVE_OFF:
         pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
     monkeypatch.setattr(level_module, "_MIN_CHUNK", 64)
@@ -83,6 +86,8 @@ def test_chunked_native_run_matches_torch(monkeypatch):
     logits = _random((4, 1000), torch.float64, seed=3).requires_grad_()
     levels = torch.tensor([-1.0, -0.2, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
     grads = [torch.randn(1000, dtype=torch.float64) for _ in range(4)]
+    for index in broadcast:
+        grads[index] = torch.randn((), dtype=torch.float64).expand(1000)
     native = torch.autograd.grad(level_statistics(logits, levels), (logits, levels), grads)
     monkeypatch.setattr(level_module, "_native_library", lambda theta: None)
     reference = torch.autograd.grad(level_statistics(logits, levels), (logits, levels), grads)
