@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from pyro.distributions import Categorical, Normal, TorchDistribution, constraints
+from torch.distributions.utils import lazy_property
 
 from pyro_bqn.moments import Moments, split_moments
 
@@ -77,8 +78,12 @@ class MomentCategorical(TorchDistribution):
             raise ValueError("logits must have at least one dimension (the classes)")
         if not torch.isfinite(self.logit_mean).all():
             raise ValueError("logits must be finite (found NaN or inf in their mean)")
-        self._predictive = Categorical(probs=_mean_field_softmax(self.logit_mean, self.logit_var))
         super().__init__(self.logit_mean.shape[:-1], validate_args=validate_args)
+
+    @lazy_property
+    def _predictive(self) -> Categorical:
+        # Built on demand: training reads only expected_log_prob.
+        return Categorical(probs=_mean_field_softmax(self.logit_mean, self.logit_var))
 
     @constraints.dependent_property(is_discrete=True, event_dim=0)
     def support(self):
@@ -95,7 +100,6 @@ class MomentCategorical(TorchDistribution):
         shape = batch_shape + self.logit_mean.shape[-1:]
         new.logit_mean = self.logit_mean.expand(shape)
         new.logit_var = None if self.logit_var is None else self.logit_var.expand(shape)
-        new._predictive = self._predictive.expand(batch_shape)
         super(MomentCategorical, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
