@@ -12,9 +12,6 @@ implementation of the same formulas serves where the kernel is unavailable.
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -46,27 +43,8 @@ _KERNEL_NAMES = tuple(
     for direction in ("forward", "backward")
     for suffix in _SUFFIXES.values()
 )
-# Below this many weights one thread is faster than handing out chunks.
-_MIN_CHUNK = 1 << 15
 # The kernel's block buffers hold at most this many levels (4-bit weights).
 _MAX_NATIVE_LEVELS = 16
-
-
-def _chunks(n: int) -> list[tuple[int, int]]:
-    count = max(1, min(torch.get_num_threads(), n // _MIN_CHUNK))
-    bounds = [n * i // count for i in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
-
-
-@functools.cache
-def _executor() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
-
-
-# A forked child inherits the pool but not its threads, so work handed to it would wait
-# forever; the child builds its own pool instead.
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_executor.cache_clear)
 
 
 def _native_library(theta: torch.Tensor) -> ctypes.CDLL | None:
@@ -102,18 +80,14 @@ def _run_kernel(library, direction, theta, levels, arrays, *scalars: int) -> boo
     num_levels, n = theta.shape
     function = getattr(library, f"level_statistics_{direction}_{_SUFFIXES[theta.dtype]}")
     function.restype = ctypes.c_int64
-    chunks = _chunks(n)
 
-    def call(index: int) -> int:
-        begin, end = chunks[index]
+    def call(begin: int, end: int) -> int:
         sizes = (ctypes.c_int64(num_levels), ctypes.c_int64(end - begin), ctypes.c_int64(n))
         offsets = (_offset(array, begin) for array in arrays)
         trailing = (ctypes.c_int64(value) for value in scalars)
         return function(_offset(theta, begin), *sizes, _offset(levels), *offsets, *trailing)
 
-    if len(chunks) == 1:
-        return call(0) != 0
-    return any(status != 0 for status in _executor().map(call, range(len(chunks))))
+    return native.run_in_ranges(call, n)
 
 
 def _native_forward(library, theta: torch.Tensor, levels: torch.Tensor):

@@ -20,9 +20,13 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["load", "enabled"]
+import torch
+
+__all__ = ["load", "enabled", "run_in_ranges"]
 
 _SOURCE_DIR = Path(__file__).parent
 # (compile flags, link flags), best first. -ffast-math lets gcc vectorise exp/log through
@@ -34,6 +38,10 @@ _FLAG_SETS = (
     (["-O3", "-ffast-math", "-fopenmp-simd"], ["-lm"]),
     (["-O2"], ["-lm"]),
 )
+
+
+# Below this many entries per range, handing out ranges to threads costs more than it saves.
+MIN_RANGE = 1 << 15
 
 
 def enabled() -> bool:
@@ -145,3 +153,33 @@ def load(name: str, symbols: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         stacklevel=2,
     )
     return None
+
+
+@functools.cache
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
+
+
+# A forked child inherits the pool but not its threads, so work handed to it would wait
+# forever; the child builds its own pool instead.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_executor.cache_clear)
+
+
+def ranges(n: int) -> list[tuple[int, int]]:
+    """``[begin, end)`` ranges covering ``0..n``: one per torch thread, none shorter than
+    :data:`MIN_RANGE` (so small inputs get one range)."""
+    count = max(1, min(torch.get_num_threads(), n // MIN_RANGE))
+    bounds = [n * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def run_in_ranges(kernel_call: Callable[[int, int], int], n: int) -> bool:
+    """Call ``kernel_call(begin, end)`` on the :func:`ranges` of ``0..n``, in parallel
+    threads when there are several (a ctypes call releases the GIL). Returns whether any
+    call returned non-zero (the kernels' way to refuse their input)."""
+    parts = ranges(n)
+    if len(parts) == 1:
+        return kernel_call(*parts[0]) != 0
+    results = _executor().map(lambda part: kernel_call(*part), parts)
+    return any(status != 0 for status in results)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pyro_bqn.distributions.level_statistics as level_module
+from pyro_bqn import native
 from pyro_bqn.distributions.level_statistics import level_statistics
 
 NATIVE_OFF = os.environ.get("PYRO_BQN_NATIVE") == "0"
@@ -81,17 +82,17 @@ def test_chunked_native_run_matches_torch(monkeypatch, broadcast):
     # for every range of weights, not step through memory past it.
     if NATIVE_OFF:
         pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
-    monkeypatch.setattr(level_module, "_MIN_CHUNK", 64)
+    monkeypatch.setattr(native, "MIN_RANGE", 64)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     logits = _random((4, 1000), torch.float64, seed=3).requires_grad_()
     levels = torch.tensor([-1.0, -0.2, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
     grads = [torch.randn(1000, dtype=torch.float64) for _ in range(4)]
     for index in broadcast:
         grads[index] = torch.randn((), dtype=torch.float64).expand(1000)
-    native = torch.autograd.grad(level_statistics(logits, levels), (logits, levels), grads)
+    kernel = torch.autograd.grad(level_statistics(logits, levels), (logits, levels), grads)
     monkeypatch.setattr(level_module, "_native_library", lambda theta: None)
     reference = torch.autograd.grad(level_statistics(logits, levels), (logits, levels), grads)
-    for got, expected in zip(native, reference, strict=True):
+    for got, expected in zip(kernel, reference, strict=True):
         torch.testing.assert_close(got, expected)
 
 
@@ -102,7 +103,7 @@ def test_levels_must_match_the_first_dimension():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_can_use_the_thread_pool(monkeypatch):
-    monkeypatch.setattr(level_module, "_MIN_CHUNK", 64)
+    monkeypatch.setattr(native, "MIN_RANGE", 64)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     logits = _random((3, 1000), torch.float64, seed=4)
     levels = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
