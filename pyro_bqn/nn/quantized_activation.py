@@ -1,18 +1,173 @@
 """Quantized activations: a step function onto ``M`` output values, and its ``M = 2`` case
-:class:`Sign`."""
+:class:`Sign`.
+
+The moment rule of a two-valued activation runs in every training step of a binary
+network. Written as tensor operations it takes some eighteen small operations forward and
+thirty backward, each a pass over the activations; :class:`_TwoValuedMoments` does each
+direction in one pass of a C kernel (:mod:`pyro_bqn.native`), with the torch formulas as
+the fallback where the kernel is unavailable or an input is not finite.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Sequence
 
 import torch
 from pyro.nn import PyroModule
+from torch.autograd.function import once_differentiable
 
+from pyro_bqn import native
 from pyro_bqn.levels import LevelSet, check_levels
 from pyro_bqn.moments import Moments, split_moments
-from pyro_bqn.nn.gaussian import normal_cdf, safe_std, standardize
+from pyro_bqn.nn.gaussian import normal_cdf, safe_std, standardize, variance_floor
 
 __all__ = ["QuantizedActivation", "Sign", "quantized_activation_moments"]
+
+# The kernel's name suffix for each supported dtype.
+_SUFFIXES = {torch.float32: "f", torch.float64: "d"}
+_KERNEL_NAMES = tuple(
+    f"two_valued_{direction}_{suffix}"
+    for direction in ("forward", "backward")
+    for suffix in _SUFFIXES.values()
+)
+
+
+def _native_library(
+    mean: torch.Tensor, var: torch.Tensor, values: torch.Tensor, thresholds: torch.Tensor
+) -> ctypes.CDLL | None:
+    """The kernel library if it applies to these arguments, else ``None``: contiguous CPU
+    tensors of one supported dtype, ``mean`` and ``var`` of one shape."""
+    dtype = mean.dtype
+    if dtype not in _SUFFIXES or mean.device.type != "cpu" or var.shape != mean.shape:
+        return None
+    for tensor in (var, values, thresholds):
+        if tensor.dtype != dtype or tensor.device.type != "cpu":
+            return None
+    if not (
+        mean.is_contiguous()
+        and var.is_contiguous()
+        and values.is_contiguous()
+        and thresholds.is_contiguous()
+    ):
+        return None
+    return native.load("two_valued_activation", _KERNEL_NAMES)
+
+
+@functools.cache
+def _kernel(library: ctypes.CDLL, direction: str, dtype: torch.dtype):
+    """The kernel function with its argument types declared (ctypes then converts plain
+    integers, which is faster than building ``c_void_p`` objects on every call)."""
+    function = getattr(library, f"two_valued_{direction}_{_SUFFIXES[dtype]}")
+    function.restype = ctypes.c_int64
+    per_entry = 2 if direction == "forward" else 4  # outputs, or output grads and grads
+    function.argtypes = [
+        ctypes.c_void_p,  # mean
+        ctypes.c_void_p,  # var
+        ctypes.c_int64,  # number of entries
+        ctypes.c_void_p,  # values
+        ctypes.c_void_p,  # thresholds
+        ctypes.c_double,  # variance floor
+        *[ctypes.c_void_p] * per_entry,
+    ]
+    return function, variance_floor(dtype)
+
+
+def _run_kernel(library, direction, mean, var, values, thresholds, arrays) -> bool:
+    """Run ``two_valued_<direction>`` over ranges of entries, in parallel threads for large
+    tensors (ctypes releases the GIL). ``arrays`` are per-entry tensors (or ``None``),
+    passed offset to each range. Returns whether an input was not finite (forward only)."""
+    function, floor = _kernel(library, direction, mean.dtype)
+    size = mean.element_size()
+    addresses = [mean.data_ptr(), var.data_ptr()]
+    addresses += [None if array is None else array.data_ptr() for array in arrays]
+    levels = (values.data_ptr(), thresholds.data_ptr(), floor)
+
+    def call(begin: int, end: int) -> int:
+        at = [None if a is None else a + begin * size for a in addresses]
+        return function(at[0], at[1], end - begin, *levels, *at[2:])
+
+    return native.run_in_ranges(call, mean.numel())
+
+
+def _two_valued_torch(
+    mean: torch.Tensor, var: torch.Tensor, values: torch.Tensor, thresholds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-valued moment rule by differentiable torch operations (the reference)."""
+    z = standardize(thresholds[0], mean, safe_std(var))
+    above, below = normal_cdf(-z), normal_cdf(z)
+    step = values[1] - values[0]
+    return values[0] + step * above, (step.square() * above * below).clamp_min(0.0)
+
+
+class _NonFiniteInput(Exception):
+    """Raised by the kernel path when an input is not finite (the kernel assumes finite
+    values), so that the caller uses the torch path instead."""
+
+
+class _TwoValuedMoments(torch.autograd.Function):
+    r"""``(mean, var, values, thresholds)`` to ``(out_mean, out_var)`` of a two-valued step
+    activation, by the C kernel in each direction.
+
+    Shapes: ``mean`` and ``var`` flat ``(N,)`` (contiguous, as the kernel needs),
+    ``values = (a_0, a_1)`` of shape ``(2,)``, ``thresholds = (t,)`` of shape ``(1,)``;
+    both outputs ``(N,)``. With ``sigma = sqrt(max(var, floor))``,
+    ``z = clip((t - mu) / sigma, -40, 40)`` and ``d = a_1 - a_0``:
+
+    .. math::
+        E[a] = a_0 + d\,\Phi(-z),\qquad \mathrm{Var}[a] = d^2 \Phi(-z)\Phi(z).
+
+    Backward, with ``g_m, g_v`` the gradients of the two outputs and ``phi`` the normal
+    density: ``dL/dz = phi(z) (d^2 (Phi(-z) - Phi(z)) g_v - d g_m)``, cut to zero outside
+    the clip; ``dL/dmu = -(dL/dz) / sigma``; ``dL/dvar = -(dL/dz) z / (2 sigma^2)``, cut to
+    zero below the floor. These are the gradients autograd gives for the torch formulas.
+    Gradients of the values and threshold (learnable levels) are sums over all entries,
+    computed with torch in the backward pass only when needed:
+    ``dL/dt = -sum dL/dmu``, ``dL/da_1 = sum (g_m Phi(-z) + 2 d g_v Phi(-z) Phi(z))``,
+    ``dL/da_0 = sum g_m - dL/da_1``. The backward pass is not itself differentiable.
+
+    Raises :class:`_NonFiniteInput` when an input is not finite.
+    """
+
+    @staticmethod
+    def forward(ctx, mean, var, values, thresholds, library):
+        ctx.set_materialize_grads(False)
+        out_mean, out_var = torch.empty_like(mean), torch.empty_like(mean)
+        arrays = (out_mean, out_var)
+        if _run_kernel(library, "forward", mean, var, values, thresholds, arrays):
+            raise _NonFiniteInput
+        ctx.library = library
+        ctx.save_for_backward(mean, var, values, thresholds)
+        return out_mean, out_var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out_mean, g_out_var):
+        if g_out_mean is None and g_out_var is None:
+            return None, None, None, None, None
+        mean, var, values, thresholds = ctx.saved_tensors
+        grads = [None if g is None else g.contiguous() for g in (g_out_mean, g_out_var)]
+        g_mean, g_var = torch.empty_like(mean), torch.empty_like(var)
+        arrays = (*grads, g_mean, g_var)
+        _run_kernel(ctx.library, "backward", mean, var, values, thresholds, arrays)
+        g_values = g_thresholds = None
+        if ctx.needs_input_grad[2]:
+            # Learnable levels (rare): recompute the probabilities with torch for the sums.
+            z = standardize(thresholds[0], mean, safe_std(var))
+            above, below = normal_cdf(-z), normal_cdf(z)
+            step = values[1] - values[0]
+            g_step = mean.new_zeros(())
+            g_first = mean.new_zeros(())
+            if grads[0] is not None:
+                g_step = g_step + torch.dot(grads[0], above)
+                g_first = grads[0].sum()
+            if grads[1] is not None:
+                g_step = g_step + 2 * step * torch.dot(grads[1], above * below)
+            g_values = torch.stack([g_first - g_step, g_step])
+        if ctx.needs_input_grad[3]:
+            g_thresholds = -g_mean.sum().reshape(1)
+        return g_mean, g_var, g_values, g_thresholds, None
 
 
 def quantized_activation_moments(
@@ -37,14 +192,27 @@ def quantized_activation_moments(
     :param values: ``(a_1, ..., a_M)``, shape ``(M,)``, increasing.
     :param thresholds: ``(t_1, ..., t_{M-1})``, shape ``(M - 1,)``, increasing.
     :returns: ``(mean, var)`` of ``a(h)``, each of shape ``S``.
+
+    For ``M = 2``, contiguous float32/float64 CPU inputs (``mean`` and ``var`` of one shape)
+    go through a C kernel, one pass in each direction (:class:`_TwoValuedMoments`). It gives
+    the values of the torch formulas and the gradients autograd gives for them, to rounding,
+    except that tail probabilities (and densities) below ``1e-37`` in float32 and ``1e-295``
+    in float64 count as 0 (the vector ``erfc`` and ``exp`` are slow where they underflow).
     """
     if values.shape[0] == 2:
-        # One threshold: the same formulas without the trailing level dimension, which
-        # halves the work in binary networks (the common case, e.g. Sign).
-        z = standardize(thresholds[0], mean, safe_std(var))
-        above, below = normal_cdf(-z), normal_cdf(z)
-        step = values[1] - values[0]
-        return values[0] + step * above, (step.square() * above * below).clamp_min(0.0)
+        # One threshold (binary networks, e.g. Sign: the common case): one kernel pass in
+        # each direction where it applies, else the torch formulas.
+        library = _native_library(mean, var, values, thresholds)
+        if library is not None:
+            try:
+                out_mean, out_var = _TwoValuedMoments.apply(
+                    mean.reshape(-1), var.reshape(-1), values, thresholds, library
+                )
+            except _NonFiniteInput:
+                pass
+            else:
+                return out_mean.reshape(mean.shape), out_var.reshape(mean.shape)
+        return _two_valued_torch(mean, var, values, thresholds)
     std = safe_std(var).unsqueeze(-1)
     z = standardize(thresholds, mean.unsqueeze(-1), std)
     above, below = normal_cdf(-z), normal_cdf(z)
@@ -70,6 +238,23 @@ def _check_thresholds(thresholds: torch.Tensor) -> torch.Tensor:
     return thresholds
 
 
+def _constant_second_moment(values: torch.Tensor) -> torch.Tensor | None:
+    """``E[a^2] = a_2^2`` as a 0-dim tensor when the output values are ``(-a_2, a_2)`` (then
+    it is the same for every input distribution), else ``None``.
+
+    Values that require grad (learnable levels) get ``None`` even when symmetric: the
+    derivative of ``E[a^2] = a_1^2 P(a_1) + a_2^2 P(a_2)`` with respect to each value depends
+    on the entry's probabilities, which a constant cannot carry, so a layer that used it would
+    get the wrong gradient for the levels (and learnable levels drift from symmetry anyway).
+    """
+    if values.shape[0] != 2 or values.requires_grad:
+        return None
+    # One cheap read of two numbers (no tensor operations); exact equality, since a
+    # constant that is only close would be wrong.
+    low, high = values.tolist()
+    return values[1].square() if low * low == high * high else None
+
+
 class QuantizedActivation(PyroModule):
     r"""An activation with ``M`` output values ``a_1 < ... < a_M`` switched at thresholds
     ``t_1 < ... < t_{M-1}``: ``a(h) = a_j`` for ``t_{j-1} <= h < t_j`` (a point on a
@@ -80,7 +265,9 @@ class QuantizedActivation(PyroModule):
       hardtanh's: pass the gradient where ``|h| <= 1``, as in Binarized Neural Networks).
       Learnable output values receive their ordinary gradient.
     * **Moments in** (``h ~ N(mu, s^2)``, independent entries): the mean and variance of
-      ``a(h)``; see :func:`quantized_activation_moments`.
+      ``a(h)``; see :func:`quantized_activation_moments`. For two values ``(-c, c)`` that
+      are not learnable (e.g. :class:`Sign`) the result also carries the constant second
+      moment ``E[a^2] = c^2`` (a 0-dim tensor), which saves a product in the next layer.
 
     Input and output have the same shape (any shape).
 
@@ -138,7 +325,8 @@ class QuantizedActivation(PyroModule):
         values = self.values.to(mean.dtype)
         thresholds = self.thresholds.to(mean.dtype)
         if var is not None:
-            return Moments(*quantized_activation_moments(mean, var, values, thresholds))
+            out_mean, out_var = quantized_activation_moments(mean, var, values, thresholds)
+            return Moments(out_mean, out_var, _constant_second_moment(values))
         index = torch.bucketize(x.detach(), thresholds.detach(), right=True)
         surrogate = x.clamp(values[0].detach(), values[-1].detach())
         # Forward value: the step function; gradient wrt x: the surrogate's (the STE).

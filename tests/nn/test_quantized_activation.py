@@ -1,13 +1,20 @@
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pyro_bqn.nn.quantized_activation as activation_module
+from pyro_bqn import native
 from pyro_bqn.levels import learnable, ternary, uniform
 from pyro_bqn.moments import Moments
 from pyro_bqn.nn import QuantizedActivation, Sign
 from pyro_bqn.nn.gaussian import normal_cdf
+from pyro_bqn.nn.quantized_activation import quantized_activation_moments
 from tests.mc import assert_mean_var_match
+
+NATIVE_OFF = os.environ.get("PYRO_BQN_NATIVE") == "0"
 
 NUM_SAMPLES = 10_000
 SHAPES = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
@@ -148,3 +155,298 @@ def test_gradients_are_finite_for_extreme_inputs(module, dtype, var_value):
 def test_invalid_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantizedActivation(**kwargs)
+
+
+# --- The two-valued moment rule: C kernel against the torch formulas ----------------------
+
+# The torch formulas the kernel replaces; also what the torch path runs.
+_reference = activation_module._two_valued_torch
+# Float32 tails: both erfc implementations are accurate to a few ulp of their argument, and
+# an ulp of z changes Phi(-z) by a relative z^2 * eps (about 1e-5 at z = 13).
+TOLERANCES = {
+    torch.float32: {"atol": 1e-6, "rtol": 1e-4},
+    torch.float64: {"atol": 1e-12, "rtol": 1e-9},
+}
+
+
+@pytest.fixture(params=["native", "torch"])
+def implementation(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(activation_module, "_native_library", lambda *args: None)
+    elif NATIVE_OFF:
+        pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
+    else:
+        # The native case must really run the kernel: fail loudly if it cannot be built.
+        names = activation_module._KERNEL_NAMES
+        assert activation_module.native.load("two_valued_activation", names) is not None
+    return request.param
+
+
+@pytest.fixture
+def native_only():
+    if NATIVE_OFF:
+        pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
+    names = activation_module._KERNEL_NAMES
+    assert activation_module.native.load("two_valued_activation", names) is not None
+
+
+def _moment_inputs(shape, dtype, seed, mean_scale=3.0):
+    """Means and variances spanning the guards: some variances zero or tiny (the floor),
+    some standard scores beyond the clip at 40 and beyond the kernel's erfc/exp cuts."""
+    gen = torch.Generator().manual_seed(seed)
+    mean = mean_scale * torch.randn(shape, generator=gen, dtype=dtype)
+    var = torch.rand(shape, generator=gen, dtype=dtype) * 2.0
+    pick = torch.rand(shape, generator=gen, dtype=dtype)
+    var = torch.where(pick < 0.1, 0.0, torch.where(pick < 0.2, 1e-6 * var, var))
+    return mean, var
+
+
+def _values(dtype, asymmetric: bool):
+    values = [-0.7, 1.9] if asymmetric else [-1.0, 1.0]
+    threshold = [0.3] if asymmetric else [0.0]
+    return torch.tensor(values, dtype=dtype), torch.tensor(threshold, dtype=dtype)
+
+
+def _outputs_and_gradients(rule, mean, var, values, thresholds, outputs=(0, 1)):
+    """``rule``'s two outputs and the gradients of a fixed random linear function of the
+    outputs selected by ``outputs``, with respect to every input that requires grad."""
+    mean, var = mean.detach().requires_grad_(), var.detach().requires_grad_()
+    result = rule(mean, var, values, thresholds)
+    gen = torch.Generator().manual_seed(7)
+    weights = [torch.randn(mean.shape, generator=gen, dtype=mean.dtype) for _ in result]
+    loss = sum((result[k] * weights[k]).sum() for k in outputs)
+    inputs = [mean, var] + [x for x in (values, thresholds) if x.requires_grad]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return (result[0].detach(), result[1].detach(), *grads)
+
+
+def _assert_all_close(got, expected, dtype):
+    for index, (a, b) in enumerate(zip(got, expected, strict=True)):
+        torch.testing.assert_close(a, b, **TOLERANCES[dtype], msg=f"result {index}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (7,), (3, 0, 2), (4, 5, 6), (100, 512)])
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_two_valued_kernel_matches_the_torch_formulas(native_only, dtype, shape, asymmetric):
+    mean, var = _moment_inputs(shape, dtype, seed=sum(shape) + 1)
+    values, thresholds = _values(dtype, asymmetric)
+    got = _outputs_and_gradients(quantized_activation_moments, mean, var, values, thresholds)
+    expected = _outputs_and_gradients(_reference, mean, var, values, thresholds)
+    assert all(x.shape == shape and x.dtype == dtype for x in got)
+    _assert_all_close(got, expected, dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=SHAPES,
+    low=st.floats(-3.0, 1.0),
+    gap=st.floats(0.01, 4.0),
+    threshold=st.floats(-2.0, 2.0),
+    mean_scale=st.floats(0.0, 50.0),
+    double=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_two_valued_kernel_matches_for_any_levels(
+    shape, low, gap, threshold, mean_scale, double, seed
+):
+    if NATIVE_OFF:
+        return
+    dtype = torch.float64 if double else torch.float32
+    mean, var = _moment_inputs(shape, dtype, seed, mean_scale)
+    values = torch.tensor([low, low + gap], dtype=dtype)
+    thresholds = torch.tensor([threshold], dtype=dtype)
+    got = _outputs_and_gradients(quantized_activation_moments, mean, var, values, thresholds)
+    expected = _outputs_and_gradients(_reference, mean, var, values, thresholds)
+    _assert_all_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("learnable_levels", [False, True])
+def test_two_valued_gradients_match_finite_differences(implementation, learnable_levels):
+    gen = torch.Generator().manual_seed(3)
+    # Variances well above the floor and standard scores inside the clip: finite
+    # differences of step 1e-6 must not cross either guard.
+    mean = torch.randn(3, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    var = (0.2 + torch.rand(3, 4, generator=gen, dtype=torch.float64)).requires_grad_()
+    values = torch.tensor([-0.6, 1.3], dtype=torch.float64, requires_grad=learnable_levels)
+    thresholds = torch.tensor([0.2], dtype=torch.float64, requires_grad=learnable_levels)
+    assert torch.autograd.gradcheck(quantized_activation_moments, (mean, var, values, thresholds))
+
+
+@pytest.mark.parametrize("output", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_through_one_output_only(native_only, output, dtype):
+    mean, var = _moment_inputs((6, 50), dtype, seed=11)
+    values, thresholds = _values(dtype, asymmetric=True)
+    values.requires_grad_()
+    thresholds.requires_grad_()
+    rules = (quantized_activation_moments, _reference)
+    got, expected = (
+        _outputs_and_gradients(rule, mean, var, values, thresholds, outputs=(output,))
+        for rule in rules
+    )
+    _assert_all_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_of_summed_outputs_read_the_broadcast_value(native_only, dtype):
+    # The gradient of out.sum() arrives as one value with stride 0.
+    mean, var = _moment_inputs((3, 40), dtype, seed=12)
+    values, thresholds = _values(dtype, asymmetric=True)
+    results = []
+    for rule in (quantized_activation_moments, _reference):
+        x, v = mean.clone().requires_grad_(), var.clone().requires_grad_()
+        out_mean, out_var = rule(x, v, values, thresholds)
+        results.append(torch.autograd.grad(out_mean.sum() + 2 * out_var.sum(), (x, v)))
+    _assert_all_close(*results, dtype)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_learnable_two_level_activation_matches_the_torch_path(monkeypatch, symmetric):
+    if NATIVE_OFF:
+        pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
+    mean, var = _moment_inputs((5, 30), torch.float64, seed=13)
+    grads = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(activation_module, "_native_library", lambda *args: None)
+        torch.manual_seed(0)
+        act = QuantizedActivation(levels=learnable([-1.0, 1.0] if symmetric else [-0.5, 2.0]))
+        act = act.double()
+        x = Moments(mean.clone().requires_grad_(), var.clone().requires_grad_())
+        out = act(x)
+        # Learnable values carry no constant second moment, even when symmetric.
+        assert out.constant_second_moment is None
+        loss = (out.mean * torch.linspace(-1, 1, 30)).sum() + out.var.square().sum()
+        params = (act.levels.first, act.levels.raw_gaps, x.mean, x.var)
+        grads.append(torch.autograd.grad(loss, params))
+    assert all((g != 0).any() for g in grads[0][:2])
+    _assert_all_close(*grads, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "bad_mean, bad_var",
+    [(float("nan"), 1.0), (float("inf"), 1.0), (-float("inf"), 0.0), (0.5, float("inf"))],
+)
+def test_non_finite_inputs_give_the_torch_answer(implementation, dtype, bad_mean, bad_var):
+    # The kernel assumes finite values (-ffast-math); it reports such inputs and the torch
+    # formulas give the answer, NaN or not.
+    mean, var = _moment_inputs((40,), dtype, seed=14)
+    mean[17], var[17] = bad_mean, bad_var
+    values, thresholds = _values(dtype, asymmetric=True)
+    got = _outputs_and_gradients(quantized_activation_moments, mean, var, values, thresholds)
+    expected = _outputs_and_gradients(_reference, mean, var, values, thresholds)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, **TOLERANCES[dtype], equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_levels_give_the_torch_answer(native_only, dtype):
+    mean, var = _moment_inputs((10,), dtype, seed=15)
+    values = torch.tensor([-float("inf"), 1.0], dtype=dtype)
+    thresholds = torch.tensor([0.0], dtype=dtype)
+    got = quantized_activation_moments(mean, var, values, thresholds)
+    expected = _reference(mean, var, values, thresholds)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_inputs_stay_finite_and_match(implementation, dtype):
+    tiny = torch.finfo(dtype).tiny
+    big = 1e30 if dtype == torch.float32 else 1e200
+    # Zero and tiny variances (the floor), scores far beyond the clip, huge variances, and
+    # scores between the kernel's erfc/exp cuts and the clip.
+    mean = [0.0, 1e-3, -1e-3, 50.0, -50.0, big, -big, 5.0, 5.0, 13.5, 38.0]
+    var = [0.0, 0.0, 0.0, 0.0, 1e-30, 1.0, tiny, 1e-38, big, 1.0, 1.0]
+    mean, var = torch.tensor(mean, dtype=dtype), torch.tensor(var, dtype=dtype)
+    for asymmetric in (False, True):
+        values, thresholds = _values(dtype, asymmetric)
+        got = _outputs_and_gradients(quantized_activation_moments, mean, var, values, thresholds)
+        assert all(torch.isfinite(x).all() for x in got)
+        assert (got[1] >= 0).all()
+        expected = _outputs_and_gradients(_reference, mean, var, values, thresholds)
+        _assert_all_close(got, expected, dtype)
+
+
+def test_chunked_native_run_matches_one_thread(native_only, monkeypatch):
+    mean, var = _moment_inputs((1000,), torch.float64, seed=16)
+    values, thresholds = _values(torch.float64, asymmetric=True)
+    values.requires_grad_()
+    args = (quantized_activation_moments, mean, var, values, thresholds)
+    single = _outputs_and_gradients(*args)
+    monkeypatch.setattr(native, "MIN_RANGE", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert len(native.ranges(1000)) == 3
+    chunked = _outputs_and_gradients(*args)
+    for a, b in zip(single, chunked, strict=True):
+        # Elementwise kernels: the same numbers whichever thread computes them; the sums
+        # for the levels run in torch and may round differently.
+        torch.testing.assert_close(a, b, atol=1e-14, rtol=1e-14)
+
+
+def test_two_valued_second_derivatives_are_refused(native_only):
+    mean = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    var = torch.ones(6, dtype=torch.float64)
+    values, thresholds = _values(torch.float64, asymmetric=False)
+    out_mean, _ = quantized_activation_moments(mean, var, values, thresholds)
+    (grad,) = torch.autograd.grad(out_mean.sum(), mean, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(grad.square().sum(), mean)
+
+
+def test_non_contiguous_inputs_use_the_torch_formulas(native_only):
+    mean, var = _moment_inputs((8, 6), torch.float64, seed=17)
+    values, thresholds = _values(torch.float64, asymmetric=True)
+    got = quantized_activation_moments(mean.t(), var.t(), values, thresholds)
+    expected = _reference(mean.t(), var.t(), values, thresholds)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# --- The constant second moment of symmetric two-valued activations -----------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_symmetric_pair_has_a_constant_second_moment(implementation, dtype, scale):
+    act = (Sign() if scale == 1.0 else QuantizedActivation(values=[-scale, scale])).to(dtype)
+    mean, var = _moment_inputs((4, 9), dtype, seed=18)
+    out = act(Moments(mean, var))
+    constant = out.constant_second_moment
+    assert constant is not None and constant.dim() == 0 and constant.dtype == dtype
+    assert constant.item() == scale**2
+    # E[a^2] = Var[a] + E[a]^2 entry by entry.
+    expected = (out.var + out.mean.square()).to(torch.float64)
+    torch.testing.assert_close(out.second_moment.to(torch.float64), expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize(
+    "act",
+    [
+        QuantizedActivation(values=[-1.0, 2.0]),
+        QuantizedActivation(values=[-1.0, 1.0001]),
+        QuantizedActivation(levels=ternary()),
+        QuantizedActivation(levels=learnable([-1.0, 1.0])),
+    ],
+    ids=["asymmetric", "nearly-symmetric", "three-values", "learnable"],
+)
+def test_other_activations_have_no_constant_second_moment(act):
+    mean, var = _moment_inputs((3, 5), torch.float32, seed=19)
+    assert act(Moments(mean, var)).constant_second_moment is None
+
+
+def test_the_symmetry_check_follows_the_current_values():
+    # The check runs on every call: values changed after construction (a loaded state, or
+    # learnable values that drift, which are near-symmetric at best) are seen.
+    act = QuantizedActivation(values=[-1.0, 1.0])
+    mean, var = _moment_inputs((3, 5), torch.float32, seed=20)
+    assert act(Moments(mean, var)).constant_second_moment.item() == 1.0
+    act.load_state_dict({"levels._values": torch.tensor([-1.0, 1.5])})
+    assert act(Moments(mean, var)).constant_second_moment is None
+    act.load_state_dict({"levels._values": torch.tensor([-1.5, 1.5])})
+    assert act(Moments(mean, var)).constant_second_moment.item() == 2.25
+    learned = QuantizedActivation(levels=learnable([-1.0, 1.0]))
+    with torch.no_grad():  # values that do not require grad, as in evaluation
+        assert learned(Moments(mean, var)).constant_second_moment is None
