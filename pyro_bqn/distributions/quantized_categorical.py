@@ -135,7 +135,12 @@ class QuantizedCategorical(TorchDistribution):
         for name in ("_logits_param", "_probs_param"):
             param = getattr(self, name)
             setattr(new, name, None if param is None else param.expand(param_shape))
-        new._categorical = self._categorical.expand(batch_shape)
+        categorical = self._categorical
+        # Compute probs before expanding, so that the expanded Categorical keeps a view of
+        # them: computed later on the expanded view, probs would be a softmax over every
+        # weight instead of over one shared row (a layer's uniform prior is (K,)).
+        _ = categorical.probs
+        new._categorical = categorical.expand(batch_shape)
         super(QuantizedCategorical, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new

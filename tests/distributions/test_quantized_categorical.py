@@ -115,3 +115,15 @@ def test_non_level_value_is_rejected():
 def test_bad_levels_are_rejected():
     with pytest.raises(ValueError, match="sorted in increasing order"):
         QuantizedCategorical(torch.tensor([1.0, -1.0]), logits=torch.zeros(2))
+
+
+@pytest.mark.parametrize("validate_args", [False, True])
+def test_an_expanded_prior_keeps_one_shared_row(validate_args):
+    # A layer's prior is expanded to the weights' shape; its probabilities must stay a
+    # view of the (K,) row, not a softmax over every weight (that cost 20 ms per step).
+    zeros = torch.zeros(3)
+    prior = QuantizedCategorical(levels.ternary(), logits=zeros, validate_args=validate_args)
+    expanded = prior.expand((50, 40))
+    assert expanded.probs.stride()[:2] == (0, 0)
+    assert expanded.logits.stride()[:2] == (0, 0)
+    torch.testing.assert_close(expanded.probs, torch.full((50, 40, 3), 1 / 3))
