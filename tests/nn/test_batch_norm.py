@@ -1,3 +1,5 @@
+import os
+
 import pyro
 import pytest
 import torch
@@ -5,8 +7,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pyro_bqn.nn.batch_norm as bn_module
 from pyro_bqn.moments import Moments
 from pyro_bqn.nn import BatchNorm1d, BatchNorm2d
+from pyro_bqn.nn.batch_norm import RunningUpdate, batch_norm_moments
+
+NATIVE_OFF = os.environ.get("PYRO_BQN_NATIVE") == "0"
 
 CASES = {
     "1d": (BatchNorm1d, torch.nn.BatchNorm1d, (6, 3)),
@@ -203,3 +209,251 @@ def test_invalid_moment_inputs_raise():
         BatchNorm2d(3)(Moments(torch.zeros(4, 3), torch.ones(4, 3)))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         BatchNorm1d(3)(Moments(torch.zeros(1, 3), torch.ones(1, 3)))
+
+
+# The training-mode moment rule has a C kernel (pyro_bqn/native/batch_norm_moments.c) and
+# a torch implementation of the same formulas; the tests below run both and compare them.
+
+SHAPES = {"1d": (37, 6), "1d-seq": (5, 3, 7), "2d": (4, 3, 2, 3)}
+# float32: the kernel sums in double, torch in float32; both round the outputs to float32.
+TOLERANCES = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-4},
+    torch.float64: {"atol": 1e-12, "rtol": 1e-10},
+}
+
+
+def _use_torch(monkeypatch):
+    monkeypatch.setattr(bn_module, "_native_library", lambda *args: None)
+
+
+@pytest.fixture(params=["native", "torch"])
+def implementation(request, monkeypatch):
+    if request.param == "torch":
+        _use_torch(monkeypatch)
+    elif NATIVE_OFF:
+        pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
+    else:
+        # The native case must really run the kernel: fail loudly if it cannot be built.
+        assert bn_module.native.load("batch_norm_moments") is not None
+    return request.param
+
+
+def _native_only():
+    if NATIVE_OFF:
+        pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
+
+
+def _moment_inputs(shape, dtype, seed, affine=True, offset=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    channels = shape[1]
+    mean = (2 * torch.randn(shape, generator=gen, dtype=dtype) + offset).requires_grad_()
+    var = (0.05 + torch.rand(shape, generator=gen, dtype=dtype)).requires_grad_()
+    weight = bias = None
+    if affine:
+        weight = (2 * torch.randn(channels, generator=gen, dtype=dtype)).requires_grad_()
+        bias = torch.randn(channels, generator=gen, dtype=dtype).requires_grad_()
+    return mean, var, weight, bias
+
+
+def _leaves(*tensors):
+    return [t for t in tensors if t is not None]
+
+
+def _run(inputs, grads, running=None, eps=1e-5):
+    """Outputs and the gradients of ``sum(out * grad)`` with respect to every input."""
+    outputs = batch_norm_moments(*inputs, eps, running)
+    used = [(out, g) for out, g in zip(outputs, grads, strict=True) if g is not None]
+    wanted = _leaves(*inputs)
+    gradients = torch.autograd.grad(
+        [out for out, _ in used], wanted, [g for _, g in used], allow_unused=True
+    )
+    return [out.detach() for out in outputs], gradients
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", sorted(SHAPES))
+@pytest.mark.parametrize("affine", [True, False])
+def test_native_and_torch_paths_agree(monkeypatch, dtype, case, affine):
+    _native_only()
+    shape = SHAPES[case]
+    inputs = _moment_inputs(shape, dtype, seed=10, affine=affine)
+    gen = torch.Generator().manual_seed(11)
+    grads = [torch.randn(shape, generator=gen, dtype=dtype) for _ in range(2)]
+    native_outputs, native_grads = _run(inputs, grads)
+    _use_torch(monkeypatch)
+    torch_outputs, torch_grads = _run(inputs, grads)
+    for got, expected in zip(
+        native_outputs + list(native_grads), torch_outputs + list(torch_grads), strict=True
+    ):
+        torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
+
+
+def test_native_path_runs_the_kernel():
+    _native_only()
+    mean, var, weight, bias = _moment_inputs((6, 4), torch.float64, seed=12)
+    out_mean, out_var = batch_norm_moments(mean, var, weight, bias, 1e-5)
+    assert type(out_mean.grad_fn).__name__ == "_BatchNormMomentsFunctionBackward"
+    assert out_var.grad_fn is out_mean.grad_fn
+
+
+def test_float32_sums_are_accumulated_in_double():
+    # A large offset and a small spread: the per-channel variance, on which the scale
+    # rests, comes from sums of 40000 float32 values near 1000. Summed in double they give
+    # the float64 reference within float32 rounding of the result.
+    _native_only()
+    gen = torch.Generator().manual_seed(13)
+    mean = 1000 + 0.01 * torch.randn(40000, 2, generator=gen)
+    var = 1e-4 * torch.rand(40000, 2, generator=gen)
+    module = BatchNorm1d(2, momentum=1.0, affine=False)
+    out = module(Moments(mean, var))
+    reference = BatchNorm1d(2, momentum=1.0, affine=False).double()
+    expected = reference(Moments(mean.double(), var.double()))
+    torch.testing.assert_close(out.var, expected.var.float(), atol=0.0, rtol=1e-5)
+    for name in ("running_mean", "running_var"):
+        got, expected = getattr(module, name), getattr(reference, name).float()
+        torch.testing.assert_close(got, expected, atol=0.0, rtol=1e-6, msg=name)
+
+
+def _old_running_update(module, mean, var, factor):
+    """The running-statistics update as written before the kernel, for comparison."""
+    dims = [0, *range(2, mean.dim())]
+    count = mean.numel() // mean.shape[1]
+    batch_mean = mean.mean(dims)
+    centred = mean - batch_mean.view((1, -1) + (1,) * (mean.dim() - 2))
+    between = centred.square().mean(dims)
+    within = var.mean(dims)
+    unbiased = within + between * (count / (count - 1))
+    module.running_mean.mul_(1.0 - factor).add_(batch_mean, alpha=factor)
+    module.running_var.mul_(1.0 - factor).add_(unbiased, alpha=factor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_running_statistics_are_as_before(implementation, dtype, case, momentum):
+    """Three training steps, against the torch formulas of the old code: bit for bit on
+    the torch path; within rounding on the native path, which sums in double."""
+    ours_cls, _, shape = CASES[case]
+    module = ours_cls(shape[1], momentum=momentum).to(dtype)
+    reference = ours_cls(shape[1], momentum=momentum).to(dtype)
+    gen = torch.Generator().manual_seed(14)
+    for step in range(1, 4):
+        mean = 2 * torch.randn(shape, generator=gen, dtype=dtype) + 1
+        var = torch.rand(shape, generator=gen, dtype=dtype)
+        module(Moments(mean, var))
+        with torch.no_grad():
+            _old_running_update(reference, mean, var, 1.0 / step if momentum is None else momentum)
+    assert module.num_batches_tracked.item() == 3
+    for name in ("running_mean", "running_var"):
+        got, expected = getattr(module, name), getattr(reference, name)
+        if implementation == "torch":
+            assert torch.equal(got, expected), name
+        else:
+            torch.testing.assert_close(got, expected, **TOLERANCES[dtype], msg=name)
+
+
+@pytest.mark.parametrize("case", sorted(SHAPES))
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradients_match_finite_differences(implementation, case, affine):
+    # Three samples keep the finite differences quick.
+    inputs = _moment_inputs((3, *SHAPES[case][1:]), torch.float64, seed=15, affine=affine)
+
+    def function(*leaves):
+        full = list(leaves) + [None] * (4 - len(leaves))
+        return batch_norm_moments(*full, 1e-3)
+
+    assert torch.autograd.gradcheck(function, tuple(_leaves(*inputs)))
+
+
+@pytest.mark.parametrize("output", [0, 1])
+def test_gradient_through_one_output_only(implementation, monkeypatch, output):
+    inputs = _moment_inputs((5, 3, 4), torch.float64, seed=16)
+    gen = torch.Generator().manual_seed(17)
+    grads = [None, None]
+    grads[output] = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64)
+    _, got = _run(inputs, grads)
+    _use_torch(monkeypatch)
+    _, expected = _run(inputs, grads)
+    assert [g is None for g in got] == [e is None for e in expected]
+    for g, e in zip(got, expected, strict=True):
+        if e is not None:
+            torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10)
+
+
+def test_gradient_for_some_inputs_only(implementation):
+    mean, var, weight, bias = _moment_inputs((6, 3), torch.float64, seed=18)
+    var = var.detach()
+    weight = weight.detach()
+    out_mean, out_var = batch_norm_moments(mean, var, weight, bias, 1e-5)
+    (out_mean.square().sum() + out_var.sum()).backward()
+    assert mean.grad is not None and bias.grad is not None
+    centred = mean - mean.mean(0)
+    scale = weight / (centred.square().mean(0) + var.mean(0) + 1e-5).sqrt()
+    torch.testing.assert_close(bias.grad, 2 * (centred * scale + bias).sum(0).detach())
+
+
+def _non_finite_inputs(dtype):
+    mean, var, weight, bias = _moment_inputs((6, 3), dtype, seed=19)
+    with torch.no_grad():
+        mean[2, 1] = torch.inf
+        var[4, 2] = torch.nan
+    return mean, var, weight, bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_input_gives_the_torch_answer(monkeypatch, dtype):
+    _native_only()
+    gen = torch.Generator().manual_seed(20)
+    grads = [torch.randn(6, 3, generator=gen, dtype=dtype) for _ in range(2)]
+    module = BatchNorm1d(3).to(dtype)
+    inputs = _non_finite_inputs(dtype)
+    got, got_grads = _run(
+        inputs, grads, RunningUpdate(module.running_mean, module.running_var, 0.1)
+    )
+    assert not torch.isfinite(got[0][:, 0]).all() or torch.isfinite(got[0][:, 0]).all()
+    _use_torch(monkeypatch)
+    reference = BatchNorm1d(3).to(dtype)
+    update = RunningUpdate(reference.running_mean, reference.running_var, 0.1)
+    expected, expected_grads = _run(inputs, grads, update)
+    exact = {"atol": 0.0, "rtol": 0.0, "equal_nan": True}
+    for g, e in zip(got + list(got_grads), expected + list(expected_grads), strict=True):
+        torch.testing.assert_close(g, e, **exact)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(module, name), getattr(reference, name), **exact)
+    # Channel 0 saw only finite values: it stays finite.
+    assert torch.isfinite(got[0][:, 0]).all() and torch.isfinite(module.running_var[0])
+
+
+def test_non_finite_output_gradient_gives_the_torch_answer(monkeypatch):
+    _native_only()
+    inputs = _moment_inputs((6, 3), torch.float64, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    grads = [torch.randn(6, 3, generator=gen, dtype=torch.float64) for _ in range(2)]
+    grads[1][3, 0] = torch.inf
+    _, got = _run(inputs, grads)
+    _use_torch(monkeypatch)
+    _, expected = _run(inputs, grads)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=0.0, rtol=0.0, equal_nan=True)
+
+
+def test_strided_input_uses_torch_and_agrees(monkeypatch):
+    _native_only()
+    mean, var, weight, bias = _moment_inputs((3, 6), torch.float64, seed=23)
+    # The same values, stored channels first: not contiguous.
+    strided = (mean.t().contiguous().t(), var.t().contiguous().t(), weight, bias)
+    assert not strided[0].is_contiguous()
+    assert bn_module._native_library(*strided, None) is None
+    got = batch_norm_moments(*strided, 1e-5)
+    expected = batch_norm_moments(mean, var, weight, bias, 1e-5)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10)
+
+
+def test_second_derivatives_are_refused():
+    _native_only()
+    mean, var, weight, bias = _moment_inputs((5, 3), torch.float64, seed=24)
+    out_mean, _ = batch_norm_moments(mean, var, weight, bias, 1e-5)
+    (grad,) = torch.autograd.grad(out_mean.square().sum(), mean, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.square().sum().backward()
