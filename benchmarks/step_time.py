@@ -31,6 +31,7 @@ from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO
 from pyro_bqn.levels import ternary
 from pyro_bqn.models import QuantizedMLP
 from pyro_bqn.moments import Moments
+from pyro_bqn.nn.batch_norm import batch_norm_moments
 from pyro_bqn.nn.quantized_activation import quantized_activation_moments
 from pyro_bqn.nn.quantized_layer import propagate
 
@@ -81,17 +82,11 @@ def float_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
     return adam_step(list(model.parameters()), lambda: F.cross_entropy(model(x), y))
 
 
-def _moment_batch_norm(h: Moments, gamma: torch.Tensor, beta: torch.Tensor) -> Moments:
-    # pyro_bqn.nn.BatchNorm1d's training-mode rule, without the module (it is a PyroModule).
-    centred = h.mean - h.mean.mean(0)
-    scale = gamma * torch.rsqrt(centred.square().mean(0) + h.var.mean(0) + 1e-5)
-    return Moments(centred * scale + beta, h.var * scale.square())
-
-
 def bqn_by_hand_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
     """The same objective computed by hand from the library's moment rules, with none of
-    Pyro's machinery (tracing, replay, param store, per-parameter optimiser): the cost of
-    the mathematics alone, so the difference to :func:`bqn_step` is the framework's."""
+    Pyro's machinery (tracing, replay, param store, per-parameter optimiser, zeroed
+    gradients): the cost of the mathematics alone, so the difference to :func:`bqn_step` is
+    the framework's."""
     levels = ternary().values
     pairs = list(zip(SIZES[:-1], SIZES[1:], strict=True))
     logits = [torch.randn(3, fan_out, fan_in, requires_grad=True) for fan_in, fan_out in pairs]
@@ -101,6 +96,7 @@ def bqn_by_hand_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
     bias = torch.zeros(SIZES[-1], requires_grad=True)
     temperature = torch.tensor(SIZES[-2] ** 0.5, requires_grad=True)
     sign_values, sign_threshold = torch.tensor([-1.0, 1.0]), torch.tensor([0.0])
+    one = torch.ones(())
     scale = 60_000 / x.shape[0]
 
     def negative_elbo() -> torch.Tensor:
@@ -110,10 +106,10 @@ def bqn_by_hand_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
             kl = kl + stats.neg_entropy.sum() + math.log(3) * stats.neg_entropy.numel()
             h = propagate(F.linear, h, Moments(stats.mean, stats.var, stats.second_moment))
             if index < len(norms):
-                h = _moment_batch_norm(h, *norms[index])
-                h = Moments(
-                    *quantized_activation_moments(h.mean, h.var, sign_values, sign_threshold)
-                )
+                h = Moments(*batch_norm_moments(h.mean, h.var, *norms[index], eps=1e-5))
+                # Sign's outputs are +-1: E[x^2] = 1, which saves the next layer a product.
+                sign = quantized_activation_moments(h.mean, h.var, sign_values, sign_threshold)
+                h = Moments(*sign, second_moment=one)
         out = Moments((h.mean + bias) / temperature, h.var / temperature.square())
         return kl - scale * MomentCategorical(logits=out).expected_log_prob(y).sum()
 
