@@ -8,7 +8,8 @@ three matrix products per layer make about 3 the floor).
     python benchmarks/step_time.py [--steps 50] [--threads 2] [--batch 100]
 
 Both optimisers are torch's fused Adam, so the comparison is of the networks, not of
-optimiser implementations. The two steps are timed in alternation.
+optimiser implementations. The networks are timed in alternating blocks of back-to-back
+steps (see :func:`interleaved_medians`).
 """
 
 from __future__ import annotations
@@ -39,19 +40,24 @@ SIZES = (784, 512, 512, 10)
 
 
 def interleaved_medians(
-    steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 5
+    steps: dict[str, Callable[[], object]], rounds: int, block: int = 5, warmup: int = 5
 ) -> dict[str, float]:
-    """Median seconds per step of each function, timed in alternation so that both see the
-    same machine conditions (on a shared 2-core VM, speed drifts by 30% between runs)."""
+    """Median seconds per step of each function, timed in alternating blocks so that all
+    see the same machine conditions (on a shared 2-core VM, speed drifts by 30% between
+    runs). Each block runs ``block`` steps back to back, as training does, and the first
+    step after a switch is not timed: it pays for the other network having just evicted
+    this one's data from the caches (about 1.3 ms here)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
             step()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(block - 1):
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -119,7 +125,7 @@ def bqn_by_hand_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per network")
     parser.add_argument("--batch", type=int, default=100, help="the target is for 100")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -127,7 +133,7 @@ def main() -> None:
     pyro.set_rng_seed(0)
     x, y = torch.randn(args.batch, SIZES[0]), torch.randint(0, SIZES[-1], (args.batch,))
     steps = {"bqn": bqn_step(x, y), "by hand": bqn_by_hand_step(x, y), "float": float_step(x, y)}
-    medians = interleaved_medians(steps, args.steps)
+    medians = interleaved_medians(steps, rounds=-(-args.steps // 4), block=5)
     bqn, by_hand, base = medians["bqn"], medians["by hand"], medians["float"]
     print(f"network {'-'.join(map(str, SIZES))}, batch {args.batch}, threads {args.threads}")
     print(f"float MLP (Adam)          median step {base * 1e3:8.2f} ms")
