@@ -3,9 +3,10 @@
 
 The kernels need no Python or torch headers, so a build takes a fraction of a second. The
 shared library is cached under ``$PYRO_BQN_CACHE`` (default ``~/.cache/pyro_bqn``), keyed
-by the source, the compiler flags and the CPU (the code is built for the machine it runs
-on). Without a working compiler, or with ``PYRO_BQN_NATIVE=0``, :func:`load` returns
-``None`` and callers use their torch implementation, which computes the same values.
+by the source (with the shared ``*.h`` headers), the compiler flags and the CPU (the code
+is built for the machine it runs on). Without a working compiler, or with
+``PYRO_BQN_NATIVE=0``, :func:`load` returns ``None`` and callers use their torch
+implementation, which computes the same values.
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def load(name: str, symbols: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         )
         return None
     compiler = shlex.split(compiler_command)  # CC may carry arguments, e.g. "ccache gcc"
-    code = source.read_bytes()
+    # The shared headers are part of every kernel's code: a change to one rebuilds them all.
+    code = b"\0".join(path.read_bytes() for path in [source, *sorted(_SOURCE_DIR.glob("*.h"))])
     for flags in _FLAG_SETS:
         recipe = f"{flags} {compiler} {_cpu_signature()}".encode()
         key = hashlib.sha256(code + b"\0" + recipe).hexdigest()[:16]

@@ -32,18 +32,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "finite.h"
 
-static inline int32_t not_finite_f(float x) {
-  uint32_t bits;
-  memcpy(&bits, &x, sizeof bits);
-  return (bits & 0x7f800000u) == 0x7f800000u;
-}
 
-static inline int32_t not_finite_d(double x) {
-  uint64_t bits;
-  memcpy(&bits, &x, sizeof bits);
-  return (bits & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
-}
 
 /* The loops below are written out, not factored into helpers that write through pointers:
  * gcc stops vectorising an omp simd loop around such a call. With L = 1 the channels are

@@ -22,19 +22,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "finite.h"
+
 #define MAX_LEVELS 16
 
-static inline int32_t not_finite_f(float x) {
-  uint32_t bits;
-  memcpy(&bits, &x, sizeof bits);
-  return (bits & 0x7f800000u) == 0x7f800000u;
-}
-
-static inline int32_t not_finite_d(double x) {
-  uint64_t bits;
-  memcpy(&bits, &x, sizeof bits);
-  return (bits & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
-}
 
 /* Loads weight i's K logits into t[k] and their maximum into m, and counts the
  * whether any is not finite into bad (a statement, not a function: gcc does not vectorise the

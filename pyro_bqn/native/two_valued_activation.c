@@ -31,22 +31,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "finite.h"
+
 #define Z_MAX 40
 #define SQRT_HALF 0.70710678118654752440
 #define INV_SQRT_2PI 0.39894228040143267794
 #define ZERO_BLOCK 1024
 
-static inline int32_t not_finite_f(float x) {
-  uint32_t bits;
-  memcpy(&bits, &x, sizeof bits);
-  return (bits & 0x7f800000u) == 0x7f800000u;
-}
-
-static inline int32_t not_finite_d(double x) {
-  uint64_t bits;
-  memcpy(&bits, &x, sizeof bits);
-  return (bits & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
-}
 
 /* glibc's vector erfc and exp hand every lane whose result underflows to the scalar
  * function, which made a pass 10 to 30 times slower when some units are confident (|z| above

@@ -97,3 +97,26 @@ def test_loading_a_kernel_keeps_subnormal_numbers(tmp_path, monkeypatch):
     assert native.load.__wrapped__("level_statistics") is not None
     tiny = torch.tensor(1e-38, dtype=torch.float32) / 100
     assert tiny > 0
+
+
+def test_a_changed_shared_header_rebuilds_the_kernel(tmp_path, monkeypatch):
+    if os.environ.get("PYRO_BQN_NATIVE") == "0":
+        pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
+    sources, cache = tmp_path / "sources", tmp_path / "cache"
+    sources.mkdir()
+    for path in native._SOURCE_DIR.glob("*.[ch]"):
+        shutil.copy(path, sources)
+    monkeypatch.setattr(native, "_SOURCE_DIR", sources)
+    monkeypatch.setenv("PYRO_BQN_CACHE", str(cache))
+    assert native.load.__wrapped__("level_statistics") is not None
+    header = sources / "finite.h"
+    header.write_text(header.read_text() + "\n/* changed */\n")
+    assert native.load.__wrapped__("level_statistics") is not None
+    assert len(list(cache.glob("level_statistics-*.so"))) == 2
+
+
+def test_every_kernel_builds():
+    if os.environ.get("PYRO_BQN_NATIVE") == "0":
+        pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
+    for source in native._SOURCE_DIR.glob("*.c"):
+        assert native.load.__wrapped__(source.stem) is not None, source.name
