@@ -11,6 +11,7 @@ implementation, which computes the same values.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -22,7 +23,6 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -158,8 +158,8 @@ def load(name: str, symbols: tuple[str, ...] = ()) -> ctypes.CDLL | None:
 
 
 @functools.cache
-def _executor() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
 
 
 # A forked child inherits the pool but not its threads, so work handed to it would wait
@@ -183,5 +183,8 @@ def run_in_ranges(kernel_call: Callable[[int, int], int], n: int) -> bool:
     parts = ranges(n)
     if len(parts) == 1:
         return kernel_call(*parts[0]) != 0
-    results = _executor().map(lambda part: kernel_call(*part), parts)
-    return any(status != 0 for status in results)
+    futures = [_executor().submit(kernel_call, *part) for part in parts]
+    # Every range must finish before this returns, whatever the first one says: the caller
+    # may free the buffers the kernels are still writing as soon as it has an answer.
+    concurrent.futures.wait(futures)
+    return any([future.result() != 0 for future in futures])

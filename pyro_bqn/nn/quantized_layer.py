@@ -26,7 +26,7 @@ def propagate(
     op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: Operand,
     weight: Operand,
-    feature_dims: int = 1,
+    feature_dims: int | None = None,
 ) -> torch.Tensor | Moments:
     r"""Apply a bilinear map ``op(x, W)`` (a linear layer or a convolution) to inputs and
     weights that are fixed tensors or independent ``(mean, var)`` pairs.
@@ -42,19 +42,17 @@ def propagate(
     layer, returning a plain tensor).
 
     When every input has the same second moment ``E[x^2] = c`` (the outputs of
-    :class:`~pyro_bqn.nn.Sign` have ``c = 1``), the same variance is computed with one
-    product over the batch instead of two:
+    :class:`~pyro_bqn.nn.Sign` have ``c = 1``), ``m^2 = c - s`` gives the same variance with
+    one product over the batch instead of two, and no cancelling subtraction:
 
     .. math::
-        \sigma^2_y = c \, op(1, E[W^2]) - op(m^2, E[W]^2)
+        \sigma^2_y = c \, op(1, Var[W]) + op(s, E[W]^2)
 
     where ``op(1, .)`` acts on a single example of ones (it broadcasts over the batch).
-    Each term of the sum, ``c E[W^2] - m^2 E[W]^2``, is non-negative, but the difference
-    of the two sums loses about ``eps * c * sum E[W^2]`` to rounding; the floor below keeps
-    it positive.
 
     :param feature_dims: how many trailing dimensions of ``x`` make one example (1 for a
-        linear layer, 3 for a 2-D convolution); used to build that example of ones.
+        linear layer, 3 for a 2-D convolution), which lets the rule above build its example
+        of ones; ``None`` always uses the general rule.
     """
     x_moments, w_moments = moments_of(x), moments_of(weight)
     x_mean = x if x_moments is None else x_moments.mean
@@ -63,9 +61,9 @@ def propagate(
     if x_moments is None and w_moments is None:
         return mean
     constant = None if x_moments is None else x_moments.constant_second_moment
-    if constant is not None and w_moments is not None:
+    if constant is not None and w_moments is not None and feature_dims is not None:
         ones = x_mean.new_ones(x_mean.shape[x_mean.dim() - feature_dims :])
-        var = constant * op(ones, w_moments.second_moment) - op(x_mean.square(), w_mean.square())
+        var = constant * op(ones, w_moments.var) + op(x_moments.var, w_mean.square())
         return Moments(mean, var.clamp_min(VARIANCE_FLOOR))
     var = torch.zeros_like(mean)
     if w_moments is not None:

@@ -53,7 +53,7 @@ class QuantizedLinear(QuantizedLayer):
                 f"QuantizedLinear expected input with last dimension in_features="
                 f"{self.in_features}, got shape {tuple(x.shape)}"
             )
-        y = propagate(F.linear, x, self.sampled_weight())
+        y = propagate(F.linear, x, self.sampled_weight(), feature_dims=1)
         if self.bias is None:
             return y
         return add_bias(y, self.bias, (self.out_features,))

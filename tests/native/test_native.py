@@ -2,6 +2,7 @@ import ctypes
 import os
 import shutil
 import stat
+import time
 
 import pytest
 import torch
@@ -120,3 +121,21 @@ def test_every_kernel_builds():
         pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
     for source in native._SOURCE_DIR.glob("*.c"):
         assert native.load.__wrapped__(source.stem) is not None, source.name
+
+
+def test_run_in_ranges_waits_for_every_range(monkeypatch):
+    # The first range refuses its input at once; the caller must still not get its answer
+    # before the other range is done, or it could free buffers that range is writing.
+    monkeypatch.setattr(native, "MIN_RANGE", 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    finished = []
+
+    def kernel_call(begin: int, end: int) -> int:
+        if begin == 0:
+            return 1
+        time.sleep(0.2)
+        finished.append(end)
+        return 0
+
+    assert native.run_in_ranges(kernel_call, 8) is True
+    assert finished == [8]
