@@ -110,7 +110,8 @@ def bqn_by_hand_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
         for index, theta in enumerate(logits):
             stats = level_statistics(theta, levels)
             kl = kl + stats.neg_entropy.sum() + math.log(3) * stats.neg_entropy.numel()
-            h = propagate(F.linear, h, Moments(stats.mean, stats.var, stats.second_moment))
+            weight = Moments(stats.mean, stats.var, stats.second_moment)
+            h = propagate(F.linear, h, weight, feature_dims=1)
             if index < len(norms):
                 h = Moments(*batch_norm_moments(h.mean, h.var, *norms[index], eps=1e-5))
                 # Sign's outputs are +-1: E[x^2] = 1, which saves the next layer a product.
