@@ -43,7 +43,7 @@ _KERNEL_NAMES = tuple(
     for direction in ("forward", "backward")
     for suffix in _SUFFIXES.values()
 )
-# The kernel's block buffers hold at most this many levels (4-bit weights).
+# The kernel is instantiated for 2 to this many levels (4-bit weights); more use torch.
 _MAX_NATIVE_LEVELS = 16
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "enabled", "run_in_ranges"]
+__all__ = ["load", "enabled", "ranges", "run_in_ranges"]
 
 _SOURCE_DIR = Path(__file__).parent
 # (compile flags, link flags), best first. -ffast-math lets gcc vectorise exp/log through
