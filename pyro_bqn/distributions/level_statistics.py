@@ -36,19 +36,13 @@ class LevelStatistics(NamedTuple):
     """``sum_k q_k log q_k`` (``-H[q]``)."""
 
 
-# The kernel's name suffix for each supported dtype.
-_SUFFIXES = {torch.float32: "f", torch.float64: "d"}
-_KERNEL_NAMES = tuple(
-    f"level_statistics_{direction}_{suffix}"
-    for direction in ("forward", "backward")
-    for suffix in _SUFFIXES.values()
-)
+_KERNEL_NAMES = native.kernel_names("level_statistics")
 # The kernel is instantiated for 2 to this many levels (4-bit weights); more use torch.
 _MAX_NATIVE_LEVELS = 16
 
 
 def _native_library(theta: torch.Tensor) -> ctypes.CDLL | None:
-    if theta.device.type != "cpu" or theta.dtype not in _SUFFIXES:
+    if theta.device.type != "cpu" or theta.dtype not in native.SUFFIXES:
         return None
     if theta.shape[0] > _MAX_NATIVE_LEVELS:
         return None
@@ -61,14 +55,23 @@ def _is_broadcast(tensor: torch.Tensor) -> bool:
     return tensor.dim() == 1 and tensor.stride(0) == 0
 
 
-def _offset(tensor: torch.Tensor | None, begin: int = 0) -> ctypes.c_void_p:
+def _offset(tensor: torch.Tensor | None, begin: int = 0) -> int | None:
     """Address of ``tensor``'s entry ``begin`` (of each row, for a levels-first array; a
     broadcast value stays where it is)."""
     if tensor is None:
-        return ctypes.c_void_p(None)
+        return None
     if _is_broadcast(tensor):
-        return ctypes.c_void_p(tensor.data_ptr())
-    return ctypes.c_void_p(tensor.data_ptr() + begin * tensor.element_size())
+        return tensor.data_ptr()
+    return tensor.data_ptr() + begin * tensor.element_size()
+
+
+# Argument types: theta, K, n, stride, levels, then the per-weight arrays; the backward
+# pass ends with the bitmask of broadcast gradients.
+_POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
+_ARGTYPES = {
+    "forward": (_POINTER, _SIZE, _SIZE, _SIZE, _POINTER) + (_POINTER,) * 5,
+    "backward": (_POINTER, _SIZE, _SIZE, _SIZE, _POINTER) + (_POINTER,) * 7 + (_SIZE,),
+}
 
 
 def _run_kernel(library, direction, theta, levels, arrays, *scalars: int) -> bool:
@@ -78,14 +81,14 @@ def _run_kernel(library, direction, theta, levels, arrays, *scalars: int) -> boo
     Returns whether the result is unusable (a non-finite logit, or a number of levels the
     kernel lacks)."""
     num_levels, n = theta.shape
-    function = getattr(library, f"level_statistics_{direction}_{_SUFFIXES[theta.dtype]}")
-    function.restype = ctypes.c_int64
+    function = native.kernel(
+        library, "level_statistics", direction, theta.dtype, _ARGTYPES[direction]
+    )
 
     def call(begin: int, end: int) -> int:
-        sizes = (ctypes.c_int64(num_levels), ctypes.c_int64(end - begin), ctypes.c_int64(n))
         offsets = (_offset(array, begin) for array in arrays)
-        trailing = (ctypes.c_int64(value) for value in scalars)
-        return function(_offset(theta, begin), *sizes, _offset(levels), *offsets, *trailing)
+        sizes = (num_levels, end - begin, n)
+        return function(_offset(theta, begin), *sizes, levels.data_ptr(), *offsets, *scalars)
 
     return native.run_in_ranges(call, n)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "enabled", "ranges", "run_in_ranges"]
+__all__ = ["load", "enabled", "kernel", "kernel_names", "ranges", "run_in_ranges", "SUFFIXES"]
 
 _SOURCE_DIR = Path(__file__).parent
 # (compile flags, link flags), best first. -ffast-math lets gcc vectorise exp/log through
@@ -40,6 +40,9 @@ _FLAG_SETS = (
     (["-O2"], ["-lm"]),
 )
 
+
+#: The kernels' name suffix for each element type they are built for.
+SUFFIXES = {torch.float32: "f", torch.float64: "d"}
 
 # Below this many entries per range, handing out ranges to threads costs more than it saves.
 MIN_RANGE = 1 << 15
@@ -188,3 +191,23 @@ def run_in_ranges(kernel_call: Callable[[int, int], int], n: int) -> bool:
     # may free the buffers the kernels are still writing as soon as it has an answer.
     concurrent.futures.wait(futures)
     return any([future.result() != 0 for future in futures])
+
+
+def kernel_names(prefix: str) -> tuple[str, ...]:
+    """The functions a kernel pair defines: ``<prefix>_<forward|backward>_<suffix>`` for
+    every element type in :data:`SUFFIXES` (pass them to :func:`load` as ``symbols``)."""
+    directions = ("forward", "backward")
+    return tuple(f"{prefix}_{d}_{suffix}" for d in directions for suffix in SUFFIXES.values())
+
+
+@functools.cache
+def kernel(
+    library: ctypes.CDLL, prefix: str, direction: str, dtype: torch.dtype, argtypes: tuple
+) -> Callable[..., int]:
+    """``<prefix>_<direction>_<suffix>`` of ``library``, declared once to take ``argtypes``
+    and return an ``int64`` status: ctypes then converts plain integers (addresses) and
+    ``None`` itself, which is cheaper than building ctypes objects on every call."""
+    function = getattr(library, f"{prefix}_{direction}_{SUFFIXES[dtype]}")
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int64
+    return function

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import functools
 from typing import NamedTuple
 
 import torch
@@ -116,13 +115,7 @@ def _torch_batch_norm_moments(mean, var, weight, bias, eps: float, running=None)
     return _scale_and_shift(centred, var, between + within, weight, bias, eps)
 
 
-# The kernel's name suffix for each supported dtype.
-_SUFFIXES = {torch.float32: "f", torch.float64: "d"}
-_KERNEL_NAMES = tuple(
-    f"batch_norm_moments_{direction}_{suffix}"
-    for direction in ("forward", "backward")
-    for suffix in _SUFFIXES.values()
-)
+_KERNEL_NAMES = native.kernel_names("batch_norm_moments")
 
 
 def _native_library(mean, var, weight, bias, running) -> ctypes.CDLL | None:
@@ -130,7 +123,7 @@ def _native_library(mean, var, weight, bias, running) -> ctypes.CDLL | None:
     contiguous (a strided input is rare: torch handles it without a copy), a non-empty
     batch, and at least two values per channel if the running statistics are updated."""
     dtype = mean.dtype
-    if dtype not in _SUFFIXES or mean.numel() == 0 or var.shape != mean.shape:
+    if dtype not in native.SUFFIXES or mean.numel() == 0 or var.shape != mean.shape:
         return None
     tensors = [mean, var, weight, bias]
     if running is not None:
@@ -155,22 +148,17 @@ def _layout(mean: torch.Tensor) -> tuple[int, int, int, int, int]:
     return batch, channels, mean.numel() // (batch * channels), 0, channels
 
 
-@functools.cache
-def _kernels(library: ctypes.CDLL) -> dict[torch.dtype, tuple]:
-    """``{dtype: (forward, backward)}``, typed once: ctypes then converts plain ints (and
-    ``None`` pointers) itself, which is cheaper than building ctypes objects per call."""
-    pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    layout = [size] * 5
-    kernels = {}
-    for dtype, suffix in _SUFFIXES.items():
-        forward = getattr(library, f"batch_norm_moments_forward_{suffix}")
-        forward.argtypes = [pointer] * 4 + layout + [real] + [pointer] * 7 + [real]
-        backward = getattr(library, f"batch_norm_moments_backward_{suffix}")
-        backward.argtypes = [pointer] * 4 + layout + [pointer] * 7
-        for function in (forward, backward):
-            function.restype = ctypes.c_int64
-        kernels[dtype] = forward, backward
-    return kernels
+# Argument types: x, s, gamma, beta, (N, C, L, c0, c1), then per direction the rest (see
+# batch_norm_moments.c).
+_POINTER, _SIZE, _REAL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+_ARGTYPES = {
+    "forward": (_POINTER,) * 4 + (_SIZE,) * 5 + (_REAL,) + (_POINTER,) * 7 + (_REAL,),
+    "backward": (_POINTER,) * 4 + (_SIZE,) * 5 + (_POINTER,) * 7,
+}
+
+
+def _kernel(library: ctypes.CDLL, direction: str, dtype: torch.dtype):
+    return native.kernel(library, "batch_norm_moments", direction, dtype, _ARGTYPES[direction])
 
 
 class _BatchNormMomentsFunction(torch.autograd.Function):
@@ -200,7 +188,7 @@ class _BatchNormMomentsFunction(torch.autograd.Function):
         stats = mean.new_empty((3, mean.shape[1]))
         address, step = stats.data_ptr(), stats.stride(0) * stats.element_size()
         running_mean, running_var, factor = running or (None, None, 0.0)
-        status = _kernels(library)[mean.dtype][0](
+        status = _kernel(library, "forward", mean.dtype)(
             mean.data_ptr(),
             var.data_ptr(),
             _pointer(weight),
@@ -256,7 +244,7 @@ def _native_backward(library, mean, var, weight, stats, grad_mean, grad_var, nee
         mean.new_empty(channels) if need_bias else None,
     ]
     address, step = stats.data_ptr(), stats.stride(0) * stats.element_size()
-    status = _kernels(library)[mean.dtype][1](
+    status = _kernel(library, "backward", mean.dtype)(
         mean.data_ptr(),
         var.data_ptr(),
         grad_mean.data_ptr(),

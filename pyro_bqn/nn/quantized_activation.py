@@ -11,7 +11,6 @@ the fallback where the kernel is unavailable or an input is not finite.
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -25,13 +24,7 @@ from pyro_bqn.nn.gaussian import normal_cdf, safe_std, standardize, variance_flo
 
 __all__ = ["QuantizedActivation", "Sign", "quantized_activation_moments"]
 
-# The kernel's name suffix for each supported dtype.
-_SUFFIXES = {torch.float32: "f", torch.float64: "d"}
-_KERNEL_NAMES = tuple(
-    f"two_valued_{direction}_{suffix}"
-    for direction in ("forward", "backward")
-    for suffix in _SUFFIXES.values()
-)
+_KERNEL_NAMES = native.kernel_names("two_valued")
 
 
 def _native_library(
@@ -40,7 +33,7 @@ def _native_library(
     """The kernel library if it applies to these arguments, else ``None``: contiguous CPU
     tensors of one supported dtype, ``mean`` and ``var`` of one shape."""
     dtype = mean.dtype
-    if dtype not in _SUFFIXES or mean.device.type != "cpu" or var.shape != mean.shape:
+    if dtype not in native.SUFFIXES or mean.device.type != "cpu" or var.shape != mean.shape:
         return None
     for tensor in (var, values, thresholds):
         if tensor.dtype != dtype or tensor.device.type != "cpu":
@@ -55,30 +48,21 @@ def _native_library(
     return native.load("two_valued_activation", _KERNEL_NAMES)
 
 
-@functools.cache
-def _kernel(library: ctypes.CDLL, direction: str, dtype: torch.dtype):
-    """The kernel function with its argument types declared (ctypes then converts plain
-    integers, which is faster than building ``c_void_p`` objects on every call)."""
-    function = getattr(library, f"two_valued_{direction}_{_SUFFIXES[dtype]}")
-    function.restype = ctypes.c_int64
-    per_entry = 2 if direction == "forward" else 4  # outputs, or output grads and grads
-    function.argtypes = [
-        ctypes.c_void_p,  # mean
-        ctypes.c_void_p,  # var
-        ctypes.c_int64,  # number of entries
-        ctypes.c_void_p,  # values
-        ctypes.c_void_p,  # thresholds
-        ctypes.c_double,  # variance floor
-        *[ctypes.c_void_p] * per_entry,
-    ]
-    return function, variance_floor(dtype)
+# Argument types: mean, var, number of entries, values, thresholds, variance floor, then
+# the outputs (forward) or the output gradients and gradients (backward).
+_HEAD = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)
+_ARGTYPES = {
+    "forward": (*_HEAD, ctypes.c_double) + (ctypes.c_void_p,) * 2,
+    "backward": (*_HEAD, ctypes.c_double) + (ctypes.c_void_p,) * 4,
+}
 
 
 def _run_kernel(library, direction, mean, var, values, thresholds, arrays) -> bool:
     """Run ``two_valued_<direction>`` over ranges of entries, in parallel threads for large
     tensors (ctypes releases the GIL). ``arrays`` are per-entry tensors (or ``None``),
     passed offset to each range. Returns whether an input was not finite (forward only)."""
-    function, floor = _kernel(library, direction, mean.dtype)
+    function = native.kernel(library, "two_valued", direction, mean.dtype, _ARGTYPES[direction])
+    floor = variance_floor(mean.dtype)
     size = mean.element_size()
     addresses = [mean.data_ptr(), var.data_ptr()]
     addresses += [None if array is None else array.data_ptr() for array in arrays]
