@@ -5,7 +5,10 @@ A 784-512-512-10 network (batch norm + sign activations, ternary weights) traine
 batches of 100, measured in the same run. Prints the medians and their ratio (target <= 4:
 three matrix products per layer make about 3 the floor).
 
-    python benchmarks/step_time.py [--steps 50] [--threads 2] [--batch 100]
+    python benchmarks/step_time.py [--steps 50] [--threads 2] [--batch 100] [--levels binary]
+
+``--levels binary`` runs the same network with two logits per weight instead of three: a
+lower bound on what storing ``K - 1`` logits per ternary weight could give.
 
 Both optimisers are torch's fused Adam, so the comparison is of the networks, not of
 optimiser implementations. The networks are timed in alternating blocks of back-to-back
@@ -24,12 +27,13 @@ import pyro
 import torch
 import torch.nn.functional as F
 from pyro.infer import SVI
+from pyro.infer.util import zero_grads
 
 from pyro_bqn.baselines import float_mlp
 from pyro_bqn.distributions import MomentCategorical
 from pyro_bqn.distributions.level_statistics import level_statistics
 from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO
-from pyro_bqn.levels import ternary
+from pyro_bqn.levels import LevelSet, binary, ternary
 from pyro_bqn.models import QuantizedMLP
 from pyro_bqn.moments import Moments
 from pyro_bqn.nn.batch_norm import batch_norm_moments
@@ -37,6 +41,7 @@ from pyro_bqn.nn.quantized_activation import quantized_activation_moments
 from pyro_bqn.nn.quantized_layer import propagate
 
 SIZES = (784, 512, 512, 10)
+LEVELS = {"ternary": ternary, "binary": binary}
 
 
 def interleaved_medians(
@@ -61,23 +66,31 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bqn_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
+def bqn_step(x: torch.Tensor, y: torch.Tensor, levels: LevelSet) -> Callable[[], float]:
     pyro.clear_param_store()
-    model = QuantizedMLP(SIZES)
+    model = QuantizedMLP(SIZES, levels=levels)
     guide = AutoQuantizedGuide(model)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2, "fused": True}), DeterministicELBO())
     return lambda: svi.step(x, y, num_data=60_000)
 
 
-def adam_step(params: list[torch.Tensor], loss: Callable[[], torch.Tensor]) -> Callable[[], float]:
-    """One fused-Adam step on ``params`` per call, the way a plain PyTorch loop does it."""
+def adam_step(
+    params: list[torch.Tensor], loss: Callable[[], torch.Tensor], pyro_zeroing: bool = False
+) -> Callable[[], float]:
+    """One fused-Adam step on ``params`` per call, the way a plain PyTorch loop does it
+    (gradients set to ``None`` before each step), or with ``pyro_zeroing`` the way
+    :class:`~pyro.infer.SVI` leaves them: replaced by fresh zero tensors after each step,
+    into which the next backward pass then adds."""
     optimizer = torch.optim.Adam(params, lr=1e-3, fused=True)
 
     def step() -> float:
-        optimizer.zero_grad()
+        if not pyro_zeroing:
+            optimizer.zero_grad()
         value = loss()
         value.backward()
         optimizer.step()
+        if pyro_zeroing:
+            zero_grads(params)
         return value.item()
 
     return step
@@ -88,14 +101,19 @@ def float_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
     return adam_step(list(model.parameters()), lambda: F.cross_entropy(model(x), y))
 
 
-def bqn_by_hand_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
+def bqn_by_hand_step(
+    x: torch.Tensor, y: torch.Tensor, levels: LevelSet, pyro_zeroing: bool = False
+) -> Callable[[], float]:
     """The same objective computed by hand from the library's moment rules, with none of
     Pyro's machinery (tracing, replay, param store, per-parameter optimiser, zeroed
     gradients): the cost of the mathematics alone, so the difference to :func:`bqn_step` is
-    the framework's."""
-    levels = ternary().values
+    the framework's. ``pyro_zeroing`` adds back Pyro's zeroing of gradients alone (see
+    :func:`adam_step`), whose cost grows with the number of logits."""
+    values, num_levels = levels.values, levels.num_levels
     pairs = list(zip(SIZES[:-1], SIZES[1:], strict=True))
-    logits = [torch.randn(3, fan_out, fan_in, requires_grad=True) for fan_in, fan_out in pairs]
+    logits = [
+        torch.randn(num_levels, fan_out, fan_in, requires_grad=True) for fan_in, fan_out in pairs
+    ]
     norms = [
         (torch.ones(n, requires_grad=True), torch.zeros(n, requires_grad=True)) for n in SIZES[1:-1]
     ]
@@ -108,8 +126,8 @@ def bqn_by_hand_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
     def negative_elbo() -> torch.Tensor:
         h, kl = x, torch.zeros(())
         for index, theta in enumerate(logits):
-            stats = level_statistics(theta, levels)
-            kl = kl + stats.neg_entropy.sum() + math.log(3) * stats.neg_entropy.numel()
+            stats = level_statistics(theta, values)
+            kl = kl + stats.neg_entropy.sum() + math.log(num_levels) * stats.neg_entropy.numel()
             weight = Moments(stats.mean, stats.var, stats.second_moment)
             h = propagate(F.linear, h, weight, feature_dims=1)
             if index < len(norms):
@@ -121,7 +139,7 @@ def bqn_by_hand_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
         return kl - scale * MomentCategorical(logits=out).expected_log_prob(y).sum()
 
     params = [*logits, *(p for pair in norms for p in pair), bias, temperature]
-    return adam_step(params, negative_elbo)
+    return adam_step(params, negative_elbo, pyro_zeroing)
 
 
 def main() -> None:
@@ -129,19 +147,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="timed steps per network")
     parser.add_argument("--batch", type=int, default=100, help="the target is for 100")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--levels", choices=sorted(LEVELS), default="ternary")
     args = parser.parse_args()
+    levels = LEVELS[args.levels]()
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
     x, y = torch.randn(args.batch, SIZES[0]), torch.randint(0, SIZES[-1], (args.batch,))
-    steps = {"bqn": bqn_step(x, y), "by hand": bqn_by_hand_step(x, y), "float": float_step(x, y)}
+    steps = {
+        "bqn": bqn_step(x, y, levels),
+        "by hand": bqn_by_hand_step(x, y, levels),
+        "by hand, zeroed": bqn_by_hand_step(x, y, levels, pyro_zeroing=True),
+        "float": float_step(x, y),
+    }
     medians = interleaved_medians(steps, rounds=-(-args.steps // 4), block=5)
     bqn, by_hand, base = medians["bqn"], medians["by hand"], medians["float"]
-    print(f"network {'-'.join(map(str, SIZES))}, batch {args.batch}, threads {args.threads}")
+    zeroed = medians["by hand, zeroed"]
+    network = "-".join(map(str, SIZES))
+    print(f"network {network}, {args.levels}, batch {args.batch}, threads {args.threads}")
     print(f"float MLP (Adam)          median step {base * 1e3:8.2f} ms")
-    print(f"ternary BQN (Det. ELBO)   median step {bqn * 1e3:8.2f} ms")
+    print(f"{args.levels + ' BQN (Det. ELBO)':25s} median step {bqn * 1e3:8.2f} ms")
     print(f"same maths without Pyro   median step {by_hand * 1e3:8.2f} ms")
+    print(f"  + Pyro's gradient zeroing median step {zeroed * 1e3:6.2f} ms")
     print(f"ratio BQN / float         {bqn / base:8.2f}  (target <= 4.0)")
     print(f"ratio by hand / float     {by_hand / base:8.2f}  (the floor of the mathematics)")
+    print(f"ratio by hand, zeroed     {zeroed / base:8.2f}")
 
 
 if __name__ == "__main__":
