@@ -44,6 +44,40 @@
  * over l with scalar reductions. */
 #define ROWS 4
 
+/* The channels c0..c1 of this call (nc), and its scratch: n_work doubles and n_coef T per
+ * channel; returns 0 for no channels and -1 if memory runs out. */
+#define SCRATCH(T, n_work, n_coef)                                                         \
+  const int64_t nc = c1 - c0;                                                              \
+  if (nc <= 0) return 0;                                                                   \
+  double *work = malloc((n_work) * nc * sizeof(double));                                   \
+  T *coef = malloc((n_coef) * nc * sizeof(T));                                             \
+  if (!work || !coef) {                                                                    \
+    free(work);                                                                            \
+    free(coef);                                                                            \
+    return -1;                                                                             \
+  }
+
+/* One value's terms of the forward sums (around the shift k) and of the backward sums
+ * (at flat index `at`), shared by both layouts. */
+#define FORWARD_TERM(T, SUFFIX, x_at, s_at)                                                \
+  {                                                                                        \
+    const T xv = (x_at), sv = (s_at);                                                      \
+    bad |= not_finite_##SUFFIX(xv) | not_finite_##SUFFIX(sv);                              \
+    const double d = (double)xv - k;                                                       \
+    t1 += d;                                                                               \
+    t2 += d * d;                                                                           \
+    tw += (double)sv;                                                                      \
+  }
+
+#define BACKWARD_TERM(T, SUFFIX, at)                                                       \
+  {                                                                                        \
+    const T g = gy[at], h = gz[at];                                                        \
+    bad |= not_finite_##SUFFIX(g) | not_finite_##SUFFIX(h);                                \
+    t1 += (double)g;                                                                       \
+    t2 += (double)g * ((double)x[at] - mj);                                                \
+    t3 += (double)h * (double)s[at];                                                       \
+  }
+
 /* Forward sums over `rows` rows from row i, for L = 1. */
 #define FORWARD_ROWS(T, SUFFIX, rows)                                                      \
   {                                                                                        \
@@ -52,12 +86,7 @@
       const double k = shift[j];                                                           \
       double t1 = 0, t2 = 0, tw = 0;                                                       \
       for (int r = 0; r < (rows); ++r) {                                                   \
-        const T xv = xr[r * C + j], sv = sr[r * C + j];                                    \
-        bad |= not_finite_##SUFFIX(xv) | not_finite_##SUFFIX(sv);                          \
-        const double d = (double)xv - k;                                                   \
-        t1 += d;                                                                           \
-        t2 += d * d;                                                                       \
-        tw += (double)sv;                                                                  \
+        FORWARD_TERM(T, SUFFIX, xr[r * C + j], sr[r * C + j])                              \
       }                                                                                    \
       a1[j] += t1;                                                                         \
       a2[j] += t2;                                                                         \
@@ -73,11 +102,7 @@
       const double mj = cm[j];                                                             \
       double t1 = 0, t2 = 0, t3 = 0;                                                       \
       for (int r = 0; r < (rows); ++r) {                                                   \
-        const T g = gy[o + r * C + j], h = gz[o + r * C + j];                              \
-        bad |= not_finite_##SUFFIX(g) | not_finite_##SUFFIX(h);                            \
-        t1 += (double)g;                                                                   \
-        t2 += (double)g * ((double)x[o + r * C + j] - mj);                                 \
-        t3 += (double)h * (double)s[o + r * C + j];                                        \
+        BACKWARD_TERM(T, SUFFIX, o + r * C + j)                                            \
       }                                                                                    \
       sy[j] += t1;                                                                         \
       syd[j] += t2;                                                                        \
@@ -90,15 +115,7 @@
       const T *x, const T *s, const T *gamma, const T *beta, int64_t N, int64_t C,         \
       int64_t L, int64_t c0, int64_t c1, double eps, T *y, T *z, T *mean, T *scale,        \
       T *rstd, T *running_mean, T *running_var, double factor) {                           \
-    const int64_t nc = c1 - c0;                                                            \
-    if (nc <= 0) return 0;                                                                 \
-    double *work = malloc(4 * nc * sizeof(double));                                        \
-    T *coef = malloc(4 * nc * sizeof(T));                                                  \
-    if (!work || !coef) {                                                                  \
-      free(work);                                                                          \
-      free(coef);                                                                          \
-      return -1;                                                                           \
-    }                                                                                      \
+    SCRATCH(T, 4, 4)                                                                       \
     double *restrict shift = work, *restrict a1 = work + nc, *restrict a2 = work + 2 * nc, \
                      *restrict aw = work + 3 * nc;                                         \
     int32_t bad = 0;                                                                       \
@@ -119,12 +136,7 @@
           double t1 = 0, t2 = 0, tw = 0;                                                   \
           _Pragma("omp simd reduction(+ : t1, t2, tw) reduction(| : bad)")                  \
           for (int64_t l = 0; l < L; ++l) {                                                \
-            const T xv = xr[l], sv = sr[l];                                                \
-            bad |= not_finite_##SUFFIX(xv) | not_finite_##SUFFIX(sv);                      \
-            const double d = (double)xv - k;                                               \
-            t1 += d;                                                                       \
-            t2 += d * d;                                                                   \
-            tw += (double)sv;                                                              \
+            FORWARD_TERM(T, SUFFIX, xr[l], sr[l])                                          \
           }                                                                                \
           a1[j] += t1;                                                                     \
           a2[j] += t2;                                                                     \
@@ -200,15 +212,7 @@
       const T *x, const T *s, const T *gy, const T *gz, int64_t N, int64_t C, int64_t L,   \
       int64_t c0, int64_t c1, const T *mean, const T *scale, const T *rstd, T *gx, T *gs,  \
       T *ggamma, T *gbeta) {                                                               \
-    const int64_t nc = c1 - c0;                                                            \
-    if (nc <= 0) return 0;                                                                 \
-    double *work = malloc(3 * nc * sizeof(double));                                        \
-    T *coef = malloc(6 * nc * sizeof(T));                                                  \
-    if (!work || !coef) {                                                                  \
-      free(work);                                                                          \
-      free(coef);                                                                          \
-      return -1;                                                                           \
-    }                                                                                      \
+    SCRATCH(T, 3, 6)                                                                       \
     double *restrict sy = work, *restrict syd = work + nc, *restrict szs = work + 2 * nc;  \
     T *restrict cm = coef, *restrict cs = coef + nc, *restrict ca = coef + 2 * nc,         \
                 *restrict cb = coef + 3 * nc, *restrict cs2 = coef + 4 * nc,               \
@@ -230,11 +234,7 @@
           double t1 = 0, t2 = 0, t3 = 0;                                                   \
           _Pragma("omp simd reduction(+ : t1, t2, t3) reduction(| : bad)")                  \
           for (int64_t l = 0; l < L; ++l) {                                                \
-            const T g = gy[o + l], h = gz[o + l];                                          \
-            bad |= not_finite_##SUFFIX(g) | not_finite_##SUFFIX(h);                        \
-            t1 += (double)g;                                                               \
-            t2 += (double)g * ((double)x[o + l] - mj);                                     \
-            t3 += (double)h * (double)s[o + l];                                            \
+            BACKWARD_TERM(T, SUFFIX, o + l)                                                \
           }                                                                                \
           sy[j] += t1;                                                                     \
           syd[j] += t2;                                                                    \
