@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from pyro_bqn.baselines._checks import check_data, check_positive_int
 from pyro_bqn.baselines.mlp import check_sizes
 from pyro_bqn.infer.scale_latents import ScaleLatentsMessenger
+from pyro_bqn.minibatches import minibatches, num_minibatches
 
 __all__ = [
     "AutoNormalAnalyticKL",
@@ -197,7 +198,8 @@ def train_gaussian_bnn(
     :param y: class labels in ``[0, sizes[-1])``, shape ``(N,)``, dtype ``torch.long``.
     :param sizes: layer widths ``(d_in, h_1, ..., d_out)``.
     :param epochs: passes over the data.
-    :param batch_size: minibatch size ``B``; the last minibatch may be smaller.
+    :param batch_size: minibatch size ``B``; the last minibatch may be smaller (one of a
+        single example is folded into the one before, see :mod:`pyro_bqn.minibatches`).
     :param lr: Adam's learning rate.
     :param seed: seed for initialisation, shuffling and the ELBO's samples.
     :param prior_scale: see :class:`GaussianBNN`.
@@ -219,7 +221,7 @@ def train_gaussian_bnn(
         raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
 
     num_data = x.shape[0]
-    num_batches = len(range(0, num_data, batch_size))
+    num_batches = num_minibatches(num_data, batch_size)
     with (
         torch.random.fork_rng(devices=[]),
         pyro.get_param_store().scope(),
@@ -237,7 +239,7 @@ def train_gaussian_bnn(
         )
         for epoch in range(epochs):
             total = 0.0
-            for i, index in enumerate(torch.randperm(num_data).split(batch_size), 1):
+            for i, index in enumerate(minibatches(torch.randperm(num_data), batch_size), 1):
                 total += svi.step(x[index], y[index], num_data=num_data) / num_data
                 bar.update()
                 bar.set_postfix(epoch=epoch, loss=f"{total / i:.4f}", refresh=False)

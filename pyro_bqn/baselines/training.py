@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pyro_bqn.baselines._checks import check_data, check_positive_int
+from pyro_bqn.minibatches import minibatches, num_minibatches
 
 __all__ = ["train", "predict_proba"]
 
@@ -64,8 +65,9 @@ def train(
 
     Shuffling and any randomness inside the optimizers draw from torch's global generator,
     seeded with ``seed`` inside :func:`torch.random.fork_rng`, so a run is reproducible and the
-    caller's random state is left untouched. A final minibatch of one example is skipped,
-    because batch norm cannot normalise a single example.
+    caller's random state is left untouched. A final minibatch of one example is folded into
+    the one before, because batch norm cannot normalise a single example
+    (:mod:`pyro_bqn.minibatches`).
 
     :param model: network mapping ``x`` of shape ``(B, ...)`` to logits ``(B, C)``.
     :param x: inputs, shape ``(N, ...)``.
@@ -96,9 +98,7 @@ def train(
             raise ValueError("optimizer must be an Optimizer or a non-empty sequence of them")
 
     num_examples = x.shape[0]
-    num_batches = len(range(0, num_examples, batch_size))
-    if num_batches > 1 and num_examples % batch_size == 1:
-        num_batches -= 1
+    num_batches = num_minibatches(num_examples, batch_size)
     history: list[float] = []
     was_training = model.training
     model.train()
@@ -109,7 +109,7 @@ def train(
         ):
             torch.manual_seed(seed)
             for epoch in range(epochs):
-                batches = torch.randperm(num_examples).split(batch_size)[:num_batches]
+                batches = minibatches(torch.randperm(num_examples), batch_size)
                 total = 0.0
                 for i, index in enumerate(batches, 1):
                     total += _step(model, x[index], y[index], optimizers, loss_fn)

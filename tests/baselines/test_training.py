@@ -33,7 +33,7 @@ def test_same_seed_same_run_and_global_rng_untouched():
 
 
 def test_callback_after_step_and_singleton_batch():
-    x, y = _blobs(n=65)  # 65 = 64 + 1: the last minibatch of one example is skipped
+    x, y = _blobs(n=65)  # 65 = 64 + 1: the last example is folded into the first minibatch
     epochs_seen, steps = [], []
     history = train(
         _model(),
