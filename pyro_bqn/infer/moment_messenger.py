@@ -5,6 +5,7 @@ from __future__ import annotations
 from pyro.distributions import Independent
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
+from pyro.poutine.util import site_is_subsample
 
 from pyro_bqn.moments import SiteMoments
 
@@ -19,14 +20,17 @@ class MomentMessenger(Messenger):
 
     Wrap a guide with it and replay the model against the resulting trace: quantized layers
     then receive the posterior moments of their weights and propagate means and variances.
-    Observed sites and sites already given a value are left alone.
+    Observed sites, sites already given a value and the subsample sites of
+    ``pyro.plate(..., subsample_size=B)`` are left alone: a subsample site's value is the
+    index tensor of shape ``(B,)`` that the plate (and the model, replaying the guide's
+    trace) slices the data with, not a random quantity with moments.
 
     :raises NotImplementedError: naming the site, if its distribution has no analytic mean
         or variance.
     """
 
     def _pyro_sample(self, msg: Message) -> None:
-        if msg["is_observed"] or msg["value"] is not None:
+        if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
             return
         fn = msg["fn"]
         base = fn.base_dist if isinstance(fn, Independent) else fn
