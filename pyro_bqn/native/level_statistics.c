@@ -14,10 +14,16 @@
  * Each function is instantiated for every K from 2 to 16, so the loop over levels is
  * unrolled and a weight's K logits stay in registers; the loop over weights vectorises
  * (with -ffast-math, exp and log use glibc's vector math library). The forward pass
- * returns 1 if any logit is not finite (else 0), and the caller then discards its result
- * and uses the exact torch path, because -ffast-math assumes finite values; the backward
- * pass runs only after a finite forward pass. Both return -1 for an unsupported K.
+ * returns 1 if any logit is not finite, or if a weight's logits lie more than half the
+ * type's range apart (else 0), and the caller then discards its result and uses the exact
+ * torch path: -ffast-math assumes finite values, and logits that far apart (e.g. -3e38 and
+ * 3e38 in float32) overflow theta_k - max to -inf, whose product with a zero probability is
+ * NaN. Within that bound theta_k - lse stays finite; where q_k underflows to 0 its log_q
+ * term is dropped from g_k (as torch drops 0 log 0), since h log q_k could still overflow.
+ * The backward pass runs only after a successful forward pass. Both return -1 for an
+ * unsupported K.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -25,10 +31,13 @@
 #include "finite.h"
 
 #define MAX_LEVELS 16
+/* How far below a weight's largest logit another may lie before the forward pass refuses. */
+#define MAX_SPREAD_f (FLT_MAX / 2)
+#define MAX_SPREAD_d (DBL_MAX / 2)
 
 
-/* Loads weight i's K logits into t[k] and their maximum into m, and counts the
- * whether any is not finite into bad (a statement, not a function: gcc does not vectorise the
+/* Loads weight i's K logits into t[k] and their maximum into m, and records in bad
+ * whether any is not finite (a statement, not a function: gcc does not vectorise the
  * weight loop around a helper that writes through pointers). */
 #define LOAD_LOGITS(T, SUFFIX)                                                              \
   T t[MAX_LEVELS], m = theta[i];                                                           \
@@ -53,6 +62,7 @@
       T z = 0, s1 = 0, s2 = 0, sl = 0;                                                     \
       for (int k = 0; k < K; ++k) {                                                        \
         const T d = t[k] - m, e = EXP(d);                                                  \
+        bad |= d < -MAX_SPREAD_##SUFFIX;                                                   \
         z += e;                                                                            \
         s1 += e * v1[k];                                                                   \
         s2 += e * v2[k];                                                                   \
@@ -108,7 +118,7 @@
         for (int k = 0; k < K; ++k) {                                                      \
           const T log_q = theta[k * stride + j] - lse[j];                                  \
           q[k] = EXP(log_q);                                                               \
-          g[k] = a * v1[k] + b * v2[k] + h * log_q;                                        \
+          g[k] = a * v1[k] + b * v2[k] + h * (q[k] > 0 ? log_q : 0);                       \
           c += q[k] * g[k];                                                                \
         }                                                                                  \
         for (int k = 0; k < K; ++k) g_theta[k * stride + j] = q[k] * (g[k] - c);           \
