@@ -11,6 +11,7 @@ from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 from pyro.poutine.util import site_is_subsample
+from pyro.util import check_site_shape
 
 from pyro_bqn.distributions.moment_likelihoods import expected_log_prob
 from pyro_bqn.infer.checked_replay import CheckedReplayMessenger
@@ -27,6 +28,52 @@ def _latent_sites(trace: poutine.Trace) -> dict[str, dict[str, Any]]:
     }
 
 
+def _check_observed_value(site: dict[str, Any]) -> None:
+    """Refuse an observed value that is not a tensor, or whose shape would broadcast the
+    likelihood's ``batch_shape + event_shape`` to a larger shape.
+
+    ``expected_log_prob`` broadcasts like ``log_prob``: labels of shape ``(N, 1)`` against a
+    likelihood of batch shape ``(N,)`` give an ``(N, N)`` log-likelihood, whose sum is about
+    ``N`` times the right one and still trains. A value may omit leading dimensions or have
+    size 1 where the likelihood does not (it then broadcasts without changing the shape).
+    """
+    name, fn, value = site["name"], site["fn"], site["value"]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"observed site '{name}' needs a tensor value, got {type(value).__name__}")
+    expected = fn.batch_shape + fn.event_shape
+    try:
+        broadcast = torch.broadcast_shapes(value.shape, expected)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != expected:
+        result = "does not broadcast" if broadcast is None else f"broadcasts to {tuple(broadcast)}"
+        raise ValueError(
+            f"observed site '{name}' has a value of shape {tuple(value.shape)}, but its "
+            f"{type(fn).__name__} expects shape {tuple(expected)} (batch_shape + event_shape); "
+            f"the value {result}. Reshape the observation (e.g. labels of shape (N,), not "
+            "(N, 1))"
+        )
+
+
+def _check_term_shape(term: torch.Tensor, site: dict[str, Any], what: str, nesting: float) -> None:
+    """Refuse a per-site term (scaled and masked, before summing) whose shape its plates do
+    not declare, by Pyro's own rule (:func:`pyro.util.check_site_shape`, which
+    :class:`~pyro.infer.Trace_ELBO` applies under validation): each plate's dimension has
+    the plate's (subsample) size, and dimensions left of the plates have size 1.
+
+    This catches a broadcast that the value check cannot see: a likelihood of batch shape
+    ``(N, 1)`` inside a plate of size ``N`` at dim -1 is expanded by the plate to ``(N, N)``,
+    and so is a term masked by a mask of shape ``(N, 1)``.
+    """
+    try:
+        check_site_shape({**site, "log_prob": term}, nesting)
+    except ValueError as error:
+        raise ValueError(
+            f"the {what} of site '{site['name']}' has shape {tuple(term.shape)}, which its "
+            f"plates do not declare: {error}"
+        ) from error
+
+
 class DeterministicELBO(ELBO):
     r"""An ELBO computed by propagating means and variances instead of sampling.
 
@@ -41,7 +88,16 @@ class DeterministicELBO(ELBO):
     ``expected_log_prob`` (exact for :class:`~pyro_bqn.distributions.MomentNormal`, a
     Jensen lower bound for the categorical and Bernoulli likelihoods) and each KL from the
     registered ``kl_divergence``. Plate subsampling scales and masks are applied per site.
-    No random number is drawn: the same parameters and data give the same loss.
+    No random number is drawn by the ELBO itself (a plate with ``subsample_size`` draws its
+    indices): the same parameters, data and subsample give the same loss.
+
+    Shapes are checked before anything is summed, whether or not Pyro's validation is
+    enabled (the checks read shapes only): each observed value must fit its likelihood's
+    ``batch_shape + event_shape`` without broadcasting it larger, and each site's
+    expected log-likelihood and KL term must have the shape its plates declare, as
+    :class:`~pyro.infer.Trace_ELBO` requires of ``log_prob`` under validation. A mismatch
+    raises ``ValueError`` naming the site and both shapes instead of training on a
+    broadcast loss.
 
     :param kl_weight: ``beta``. ``1.0`` (the default) is the true ELBO; ``beta < 1`` gives a
         tempered ("cold") posterior, a deliberate user choice.
@@ -88,11 +144,20 @@ class DeterministicELBO(ELBO):
             if not site["infer"].get("is_auxiliary")
         }
 
+        observed = [
+            site
+            for site in model_trace.nodes.values()
+            if site["type"] == "sample" and site["is_observed"]
+        ]
+        for site in observed:
+            _check_observed_value(site)
+
         ell = torch.zeros(())
-        for site in model_trace.nodes.values():
-            if site["type"] == "sample" and site["is_observed"]:
-                log_lik = expected_log_prob(site["fn"], site["value"])
-                ell = ell + scale_and_mask(log_lik, site["scale"], site["mask"]).sum()
+        for site in observed:
+            log_lik = expected_log_prob(site["fn"], site["value"])
+            log_lik = scale_and_mask(log_lik, site["scale"], site["mask"])
+            _check_term_shape(log_lik, site, "expected log-likelihood", self.max_plate_nesting)
+            ell = ell + log_lik.sum()
 
         kl = torch.zeros(())
         for name, model_site in model_latents.items():
@@ -104,7 +169,9 @@ class DeterministicELBO(ELBO):
                     f"no analytic KL at site '{name}' between the guide's "
                     f"{type(guide_fn).__name__} and the model's {type(model_site['fn']).__name__}"
                 ) from error
-            kl = kl + scale_and_mask(site_kl, model_site["scale"], model_site["mask"]).sum()
+            site_kl = scale_and_mask(site_kl, model_site["scale"], model_site["mask"])
+            _check_term_shape(site_kl, model_site, "KL divergence", self.max_plate_nesting)
+            kl = kl + site_kl.sum()
 
         return {"expected_log_likelihood": ell, "kl": kl, "elbo": ell - self.kl_weight * kl}
 

@@ -123,14 +123,37 @@ def test_subsample_scale_is_applied():
     assert math.isclose(elbo.last_terms["expected_log_likelihood"], 4 * plain_sum, rel_tol=1e-5)
 
 
+class MaskedClassifier(Classifier):
+    """:class:`Classifier` whose likelihood is masked per data point, inside the plate."""
+
+    def forward(self, x, y=None, mask=True):
+        logits = self.temperature(self.body(x))
+        with pyro.plate("data", x.shape[0]), poutine.mask(mask=mask):
+            return pyro.sample("obs", MomentCategorical(logits=logits), obs=y)
+
+
 def test_mask_is_applied():
-    model, guide, x, y = _setup()
+    x, y = linear_classes(32, 5, 3, seed=1)
+    model = MaskedClassifier((5, 3))  # one layer, no batch norm: train and eval agree
+    guide = AutoQuantizedGuide(model)
+    mask = torch.arange(32) % 3 == 0
     elbo = DeterministicELBO()
-    elbo.loss(model, guide, x, y)
-    full = elbo.last_terms["expected_log_likelihood"]
-    masked_model = poutine.mask(model, mask=torch.zeros(x.shape[0], dtype=torch.bool))
-    elbo.loss(masked_model, guide, x, y)
-    assert full < 0 and elbo.last_terms["expected_log_likelihood"] == 0
+    elbo.loss(model, guide, x, y, mask)
+    per_point = predictive_distribution(model, guide, x, y).expected_log_prob(y)
+    masked = elbo.last_terms["expected_log_likelihood"]
+    assert math.isclose(masked, per_point[mask].sum().item(), rel_tol=1e-5)
+    elbo.loss(model, guide, x, y, torch.zeros(32, dtype=torch.bool))
+    assert masked < 0 and elbo.last_terms["expected_log_likelihood"] == 0
+
+
+def test_per_point_mask_over_the_whole_model_is_refused_at_a_global_site():
+    # The (32,) mask also reaches the global weights, whose KL it would broadcast to (32,):
+    # an all-True mask used to count the KL 32 times without a word.
+    model, guide, x, y = _setup(sizes=(5, 3))
+    masked_model = poutine.mask(model, mask=torch.ones(x.shape[0], dtype=torch.bool))
+    expected = r"KL divergence of site 'body.0.weight' has shape \(32,\)"
+    with pytest.raises(ValueError, match=expected):
+        DeterministicELBO().loss(masked_model, guide, x, y)
 
 
 def test_model_guide_mismatch_names_the_site():
