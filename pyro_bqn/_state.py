@@ -1,6 +1,6 @@
 """The live state of a model and its guide, shared by :mod:`pyro_bqn.export` and
-:mod:`pyro_bqn.checkpoint`: which tensors a run reads, checked in-place copies into them that
-can be undone, and the checked reading of saved files.
+:mod:`pyro_bqn.checkpoint`: which tensors a run reads, and checked in-place copies into them
+that can be undone. (Reading and writing the files is :mod:`pyro_bqn.payload_files`.)
 
 Values are copied *into* the live tensors rather than swapped for new ones: a
 :class:`~pyro.nn.PyroModule` reads an ordinary ``nn.Parameter`` (e.g. a batch norm's
@@ -11,7 +11,6 @@ that sharing, so the model, the param store and an optimiser keyed on the tensor
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -24,12 +23,9 @@ __all__ = [
     "check_matching",
     "copy_into",
     "live_params",
-    "load_payload",
     "preserved",
     "training_mode",
 ]
-
-PathLike = str | os.PathLike
 
 
 def live_params(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -119,45 +115,3 @@ def training_mode(module: Any, mode: bool) -> Iterator[None]:
     finally:
         for submodule, flag in flags:
             submodule.training = flag
-
-
-def load_payload(
-    path: PathLike, file_format: str, version: int, tensor_groups: tuple[str, ...]
-) -> dict[str, Any]:
-    """Read a file written by ``torch.save`` of ``{"format": file_format, "version":
-    version, ...}`` with ``weights_only=True`` (plain containers and tensors, no code).
-
-    :param tensor_groups: keys whose entries must be ``{name: tensor}`` dictionaries.
-    :raises ValueError: naming ``path``, if it is not such a file.
-    :raises OSError: as raised by the file system (e.g. ``FileNotFoundError``).
-    """
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as error:  # torch.load's many ways of rejecting a foreign file
-        raise ValueError(
-            f"{os.fspath(path)!r} is not a {file_format} file: it cannot be read as a "
-            f"weights-only torch file ({type(error).__name__}: {error})"
-        ) from error
-    found = payload.get("format") if isinstance(payload, dict) else None
-    if found != file_format:
-        raise ValueError(
-            f"{os.fspath(path)!r} is not a {file_format} file (format entry: {found!r})"
-        )
-    if payload.get("version") != version:
-        raise ValueError(
-            f"{os.fspath(path)!r} is version {payload.get('version')!r} of {file_format}; "
-            f"this pyro_bqn reads version {version}"
-        )
-    for group in tensor_groups:
-        entries = payload.get(group)
-        if not isinstance(entries, dict) or not all(
-            isinstance(name, str) and isinstance(value, torch.Tensor)
-            for name, value in entries.items()
-        ):
-            raise ValueError(
-                f"{os.fspath(path)!r} is a damaged {file_format} file: its {group!r} entry is "
-                "not a dictionary of named tensors"
-            )
-    return payload

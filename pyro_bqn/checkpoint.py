@@ -1,18 +1,23 @@
 """Training checkpoints: save and restore a model, its guide and the optimiser exactly.
 
-**File format** (:func:`save_checkpoint`): ``torch.save`` of a plain dictionary, read back
-with ``torch.load(..., weights_only=True)``::
+**File format** (:func:`save_checkpoint`): a checked payload file
+(:mod:`pyro_bqn.payload_files`: ``torch.save`` of a plain dictionary, written atomically,
+read back with ``torch.load(..., weights_only=True)`` and its checksum verified)::
 
     {
         "format": "pyro_bqn.checkpoint",
-        "version": 1,
+        "version": 2,
         "params": {name: tensor},           # the whole Pyro param store, unconstrained values
         "model_buffers": {name: tensor},    # e.g. batch-norm running statistics
         "guide_buffers": {name: tensor},
-        "optimizer": {param name: optimiser state_dict} or None,   # PyroOptim.get_state()
+        "optimizer": {param name: optimiser state} or None,   # PyroOptim.get_state()
+        "extra": {str: plain value},        # the caller's state, e.g. fit's epoch and history
+        "checksum": "sha256:<hex>",         # of everything above
     }
 
-Constraints are not stored: the model and guide declare them again when they run.
+Version 1 (pyro_bqn before checksums) had neither ``"extra"`` nor ``"checksum"``; it is
+refused with an error that says so. Constraints are not stored: the model and guide declare
+them again when they run.
 """
 
 from __future__ import annotations
@@ -27,19 +32,19 @@ from pyro import poutine
 from pyro.optim import PyroOptim
 
 from pyro_bqn._state import (
-    PathLike,
     buffers_of,
     check_matching,
     copy_into,
     live_params,
-    load_payload,
     preserved,
 )
+from pyro_bqn.atomic_files import PathLike
+from pyro_bqn.payload_files import check_storable, load_payload, save_payload
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
 FILE_FORMAT = "pyro_bqn.checkpoint"
-FILE_VERSION = 1
+FILE_VERSION = 2
 
 
 def save_checkpoint(
@@ -47,13 +52,36 @@ def save_checkpoint(
     model: Callable[..., Any],
     guide: Callable[..., Any],
     optimizer: PyroOptim | None = None,
+    *,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Save everything needed to resume training or predicting: the Pyro param store (the
     model's and the guide's parameters), the buffers of ``model`` and ``guide`` (if they are
-    modules) and, optionally, the state of ``optimizer``.
+    modules) and, optionally, the state of ``optimizer`` and the caller's ``extra`` state.
 
-    :raises ValueError: if the param store is empty (run the guide, e.g. one SVI step, first).
+    The file is replaced atomically: a save that is interrupted (an exception, a crash)
+    leaves the previous file at ``path`` as it was.
+
+    :param optimizer: any :class:`~pyro.optim.PyroOptim`, also a learning-rate scheduler
+        such as :class:`pyro.optim.ExponentialLR` (both the scheduler's and the torch
+        optimiser's state are kept).
+    :param extra: state of the caller to restore with the checkpoint (returned by
+        :func:`load_checkpoint`), e.g. ``{"epoch": 3, "generator": generator.get_state(),
+        "history": [{"loss": 0.5}, ...]}``: a dict with str keys of plain values (None,
+        bool, int, float, str, lists, tuples, dicts and tensors), which load without
+        running code and are covered by the checksum. Tensors are saved with their whole
+        storage, so pass clones of small views of big tensors.
+    :raises ValueError: if ``extra`` holds something else (naming it), or the param store is
+        empty (run the guide, e.g. one SVI step, first); nothing is written then.
     """
+    if extra is None:
+        extra = {}
+    if not isinstance(extra, dict) or not all(isinstance(key, str) for key in extra):
+        raise ValueError(
+            f"extra must be a dict with str keys, got {type(extra).__name__}"
+            + (f" with keys {list(extra)}" if isinstance(extra, dict) else "")
+        )
+    check_storable(extra, "extra")
     params = pyro.get_param_store().get_state()["params"]
     if not params:
         raise ValueError(
@@ -70,8 +98,9 @@ def save_checkpoint(
         "model_buffers": clones(buffers_of(model)),
         "guide_buffers": clones(buffers_of(guide)),
         "optimizer": None if optimizer is None else optimizer.get_state(),
+        "extra": extra,
     }
-    torch.save(payload, path)
+    save_payload(path, payload)
 
 
 def load_checkpoint(
@@ -81,10 +110,11 @@ def load_checkpoint(
     *args: Any,
     optimizer: PyroOptim | None = None,
     **kwargs: Any,
-) -> None:
+) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint` into ``model`` and ``guide``
     (and ``optimizer``), exactly: losses, predictions and further training steps are
-    bitwise those of the saved run.
+    bitwise those of the saved run. Return the ``extra`` state saved with it (``{}`` if
+    none was).
 
     The guide creates its parameters only when it first runs, so ``load_checkpoint`` runs
     the guide and then the model once on the example inputs ``*args, **kwargs`` (e.g. one
@@ -97,17 +127,26 @@ def load_checkpoint(
     were trained in): a stale param-store entry with a module parameter's name would shadow
     the module's own tensor, in Pyro generally.
 
+    A file that cannot be read or verified changes nothing; one that does not fit the model
+    and guide changes none of their existing values (the run may have created the guide's
+    parameters).
+
     :param optimizer: a new :class:`~pyro.optim.PyroOptim` of the saved kind (with the same
         arguments), which takes the saved state at its first step. It must not have taken a
         step: PyroOptim applies a loaded state only to parameters it has not seen yet.
-    :raises ValueError: naming ``path`` if the file is not a checkpoint, naming the parameter
-        or buffer if the checkpoint does not fit the model and guide, or if ``optimizer`` has
-        already stepped or the checkpoint holds no optimiser state.
+    :raises FileNotFoundError: if ``path`` does not exist.
+    :raises ValueError: naming ``path`` if the file cannot be read, is not a checkpoint, is
+        corrupt (its checksum does not match: damaged or truncated) or of another version;
+        naming the parameter or buffer if the checkpoint does not fit the model and guide
+        or if ``optimizer`` has already stepped or the checkpoint holds no optimiser state.
     """
     payload = load_payload(
         path, FILE_FORMAT, FILE_VERSION, tensor_groups=("params", "model_buffers", "guide_buffers")
     )
     source = f"checkpoint {os.fspath(path)!r}"
+    extra = payload.get("extra")
+    if not isinstance(extra, dict):
+        raise ValueError(f"{source} is damaged: its 'extra' entry is not a dictionary")
     if optimizer is not None:
         if not isinstance(payload.get("optimizer"), dict):
             raise ValueError(f"{source} holds no optimizer state (saved with optimizer=None)")
@@ -136,3 +175,4 @@ def load_checkpoint(
     copy_into(guide_buffers, payload["guide_buffers"])
     if optimizer is not None:
         optimizer.set_state(payload["optimizer"])
+    return extra

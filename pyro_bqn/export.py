@@ -7,12 +7,13 @@ each continuous site's posterior mean; and the model state needed to run it (the
 parameters the model reads, such as batch-norm affine parameters and the temperature, and
 the model's buffers, such as batch-norm running statistics).
 
-**File format** (``QuantizedNetwork.save``): ``torch.save`` of a plain dictionary, read back
-with ``torch.load(..., weights_only=True)``::
+**File format** (``QuantizedNetwork.save``): a checked payload file
+(:mod:`pyro_bqn.payload_files`: ``torch.save`` of a plain dictionary, written atomically,
+read back with ``torch.load(..., weights_only=True)`` and its checksum verified)::
 
     {
         "format": "pyro_bqn.QuantizedNetwork",
-        "version": 1,
+        "version": 2,
         "quantized": {site: {"packed": uint8 tensor (ceil(numel * bits / 8),),
                              "levels": float tensor (K,),
                              "shape": [int, ...]}},
@@ -20,7 +21,11 @@ with ``torch.load(..., weights_only=True)``::
         "params": {param name: tensor},      # unconstrained, as in the Pyro param store
         "buffers": {buffer name: tensor},    # as in the model's state_dict
         "batch_norm": "model" | "reestimated",
+        "checksum": "sha256:<hex>",          # of everything above
     }
+
+Version 1 (pyro_bqn before checksums) had no ``"checksum"``; it is refused with an error
+that says so.
 
 ``bits = max(1, ceil(log2 K))``. The weights are flattened in row-major order; each index is
 written most significant bit first into one continuous bit stream, which is cut into bytes
@@ -42,18 +47,18 @@ from pyro import poutine
 from pyro.distributions import TorchDistribution
 
 from pyro_bqn._state import (
-    PathLike,
     buffers_of,
     check_matching,
     copy_into,
     live_params,
-    load_payload,
     preserved,
     training_mode,
 )
+from pyro_bqn.atomic_files import PathLike
 from pyro_bqn.infer.checked_condition import CheckedConditionMessenger
 from pyro_bqn.levels import check_levels
 from pyro_bqn.nn.recalibrate import reestimate_batch_norm
+from pyro_bqn.payload_files import load_payload, save_payload
 
 __all__ = [
     "PackedSite",
@@ -65,7 +70,7 @@ __all__ = [
 ]
 
 FILE_FORMAT = "pyro_bqn.QuantizedNetwork"
-FILE_VERSION = 1
+FILE_VERSION = 2
 BATCH_NORM_SOURCES = ("model", "reestimated")
 
 _T = TypeVar("_T")
@@ -297,7 +302,8 @@ class QuantizedNetwork:
                 return read(trace.nodes[site]["fn"])
 
     def save(self, path: PathLike) -> None:
-        """Write the network to ``path`` (format in the module docstring)."""
+        """Write the network to ``path`` (format in the module docstring), atomically: an
+        interrupted save leaves the previous file at ``path`` as it was."""
         quantized = {
             name: {"packed": site.packed, "levels": site.levels, "shape": list(site.shape)}
             for name, site in self.quantized.items()
@@ -311,14 +317,16 @@ class QuantizedNetwork:
             "buffers": self.buffers,
             "batch_norm": self.batch_norm,
         }
-        torch.save(payload, path)
+        save_payload(path, payload)
 
     @classmethod
     def load(cls, path: PathLike) -> QuantizedNetwork:
-        """Read a network written by :meth:`save`.
+        """Read a network written by :meth:`save`, verifying its checksum.
 
+        :raises FileNotFoundError: if ``path`` does not exist.
         :raises ValueError: naming ``path`` (and the site, for a damaged one), if the file
-            is not a valid network file.
+            cannot be read, is not a network file, is corrupt (damaged or truncated) or of
+            another version.
         """
         payload = load_payload(
             path, FILE_FORMAT, FILE_VERSION, tensor_groups=("continuous", "params", "buffers")

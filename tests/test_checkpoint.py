@@ -96,3 +96,89 @@ def test_optimizer_misuse_and_an_empty_param_store_are_refused(tmp_path):
     save_checkpoint(path, run.model, run.guide, run.optimizer)
     with pytest.raises(ValueError, match="already taken a step"):
         load_checkpoint(path, run.model, run.guide, run.x, run.y, optimizer=run.optimizer)
+
+
+# --- extra state for resuming ---------------------------------------------------------------
+
+
+def test_extra_state_round_trips_and_defaults_to_an_empty_dict(tmp_path):
+    run = trained_mlp(steps=1)
+    generator = torch.Generator().manual_seed(4)
+    torch.randperm(10, generator=generator)
+    extra = {
+        "fit": {
+            "epoch": 3,
+            "generator": generator.get_state(),
+            "history": [{"epoch": 1, "loss": 0.5, "lr": 0.1}, {"epoch": 2, "loss": 0.25}],
+            "settings": {"seed": 0, "name": "mnist", "resume": False, "limit": None},
+            "betas": (0.9, 0.999),
+        }
+    }
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, run.model, run.guide, extra=extra)
+    model, guide = _fresh()
+    loaded = load_checkpoint(path, model, guide, run.x, run.y)
+    assert loaded.keys() == {"fit"}
+    fit_state = loaded["fit"]
+    assert torch.equal(fit_state.pop("generator"), extra["fit"].pop("generator"))
+    assert fit_state == extra["fit"]
+    assert isinstance(fit_state["betas"], tuple)
+
+    save_checkpoint(path, run.model, run.guide)
+    assert load_checkpoint(path, model, guide, run.x, run.y) == {}
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"fit": {"callback": object()}}, r"extra\['fit'\]\['callback'\] is of type object"),
+        ({"history": [1, {"f": len}]}, r"extra\['history'\]\[1\]\['f'\] is of type builtin"),
+        ({3: "epoch"}, r"extra must be a dict with str keys"),
+        ([("epoch", 3)], r"extra must be a dict with str keys, got list"),
+    ],
+)
+def test_extra_that_a_checkpoint_cannot_hold_is_refused_before_writing(tmp_path, extra, match):
+    run = trained_mlp(steps=1)
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(ValueError, match=match):
+        save_checkpoint(path, run.model, run.guide, extra=extra)
+    assert not path.exists()
+
+
+# --- the optimiser fit uses -----------------------------------------------------------------
+
+
+def _fit_optimizer() -> pyro.optim.PyroOptim:
+    """The optimiser of :func:`pyro_bqn.infer.fit`: fused Adam, clipped, decayed per step."""
+    return pyro.optim.ExponentialLR(
+        {"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.05, "fused": True}, "gamma": 0.9},
+        clip_args={"clip_value": 10.0},
+    )
+
+
+def _steps(svi, optimizer, x, y, count):
+    """``count`` SVI steps, each followed by a learning-rate step; the losses and rates."""
+    record = []
+    for _ in range(count):
+        loss = svi.step(x, y)
+        optimizer.step()
+        lrs = [scheduler.get_last_lr()[0] for scheduler in optimizer.optim_objs.values()]
+        record.append((loss, lrs))
+    return record
+
+
+def test_an_exponential_lr_schedule_over_fused_adam_round_trips(tmp_path):
+    pyro.set_rng_seed(0)
+    run = trained_mlp(steps=0)
+    optimizer = _fit_optimizer()
+    svi = SVI(run.model, run.guide, optimizer, DeterministicELBO())
+    _steps(svi, optimizer, run.x, run.y, 3)
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, run.model, run.guide, optimizer)
+    expected = _steps(svi, optimizer, run.x, run.y, 3)
+
+    model, guide = _fresh()
+    optimizer = _fit_optimizer()
+    load_checkpoint(path, model, guide, run.x, run.y, optimizer=optimizer)
+    svi = SVI(model, guide, optimizer, DeterministicELBO())
+    assert _steps(svi, optimizer, run.x, run.y, 3) == expected

@@ -17,6 +17,7 @@ from pyro_bqn.export import (
     unpack_indices,
 )
 from pyro_bqn.models import QuantizedMLP
+from pyro_bqn.payload_files import save_payload
 from tests.trained_mlp import SIZES, trained_mlp
 
 LEVEL_SETS = {
@@ -218,16 +219,18 @@ def test_a_file_that_is_not_a_network_is_refused_naming_the_path(tmp_path):
 def test_a_damaged_site_is_refused_naming_the_path_and_the_site(tmp_path):
     run = trained_mlp(steps=1)
     export_network(run.model, run.guide, run.x).save(tmp_path / "network.pt")
+    # Inconsistent content with a valid checksum, as a faulty writer would produce it.
     payload = torch.load(tmp_path / "network.pt", weights_only=True)
+    del payload["checksum"]
     site = payload["quantized"]["body.4.weight"]
     site["packed"] = site["packed"][:-1]
-    torch.save(payload, tmp_path / "damaged.pt")
+    save_payload(tmp_path / "damaged.pt", payload)
     with pytest.raises(ValueError, match=r"damaged\.pt.*site 'body\.4\.weight'"):
         QuantizedNetwork.load(tmp_path / "damaged.pt")
 
     payload["quantized"] = {}
     payload["buffers"] = {"body.2.running_mean": [0.0]}
-    torch.save(payload, tmp_path / "damaged.pt")
+    save_payload(tmp_path / "damaged.pt", payload)
     with pytest.raises(ValueError, match=r"damaged\.pt.*'buffers'"):
         QuantizedNetwork.load(tmp_path / "damaged.pt")
 
@@ -247,3 +250,4 @@ def test_running_on_a_model_that_does_not_fit_names_the_site_parameter_or_buffer
         network.run(run.model, run.x, site="nope")
     with pytest.raises(ValueError, match="batch_norm must be one of"):
         QuantizedNetwork(network.quantized, batch_norm="moments")
+
