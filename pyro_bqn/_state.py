@@ -18,10 +18,14 @@ from typing import Any
 import torch
 from pyro import poutine
 
+from pyro_bqn.levels import LearnableLevels, LevelSet
+
 __all__ = [
     "buffers_of",
+    "check_fixed_levels",
     "check_matching",
     "copy_into",
+    "fixed_levels",
     "live_params",
     "preserved",
     "training_mode",
@@ -80,6 +84,46 @@ def check_matching(
             raise ValueError(
                 f"{kind} '{name}' is {tuple(tensor.shape)} {tensor.dtype}, but {source} "
                 f"holds {tuple(value.shape)} {value.dtype}"
+            )
+
+
+def fixed_levels(module: Any) -> dict[str, torch.Tensor]:
+    """``{buffer name: values}`` of the fixed level sets of ``module`` (every name of a
+    shared level set, as in :func:`buffers_of`); ``{}`` for a plain callable.
+
+    A fixed :class:`~pyro_bqn.levels.LevelSet` keeps its values in the buffer ``_values``.
+    A :class:`~pyro_bqn.levels.LearnableLevels` is left out: its values come from Pyro
+    params (its ``_values`` buffer only records the initial levels).
+    """
+    if not isinstance(module, torch.nn.Module):
+        return {}
+    return {
+        f"{name}._values" if name else "_values": submodule._values
+        for name, submodule in module.named_modules(remove_duplicate=False)
+        if isinstance(submodule, LevelSet) and not isinstance(submodule, LearnableLevels)
+    }
+
+
+def check_fixed_levels(
+    module: Any, saved: Mapping[str, torch.Tensor], kind: str, source: str
+) -> None:
+    """Refuse ``saved`` buffers whose fixed level sets differ from those of ``module``.
+
+    Fixed levels are a constant of the model's declaration (``levels=ternary()``), not
+    trained state: copying other ones in would silently turn the model into another one.
+    Learnable levels are trained values and are restored like any parameter.
+
+    :param saved: ``{buffer name: tensor}``, already checked with :func:`check_matching`.
+    :param kind: what the buffers are (``"model buffer"``), for the message.
+    :param source: where ``saved`` comes from, for the message.
+    :raises ValueError: naming the buffer and both level sets.
+    """
+    for name, values in fixed_levels(module).items():
+        if not torch.equal(saved[name], values):
+            raise ValueError(
+                f"{kind} '{name}' holds the fixed levels {values.tolist()} of the model's "
+                f"declaration, but {source} holds {saved[name].tolist()}: fixed levels are "
+                "part of the model, so build it with the levels it was trained with"
             )
 
 

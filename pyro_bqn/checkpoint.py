@@ -8,7 +8,7 @@ read back with ``torch.load(..., weights_only=True)`` and its checksum verified)
         "format": "pyro_bqn.checkpoint",
         "version": 2,
         "params": {name: tensor},           # the whole Pyro param store, unconstrained values
-        "model_buffers": {name: tensor},    # e.g. batch-norm running statistics
+        "model_buffers": {name: tensor},    # e.g. batch-norm running statistics, fixed levels
         "guide_buffers": {name: tensor},
         "optimizer": {param name: optimiser state} or None,   # PyroOptim.get_state()
         "extra": {str: plain value},        # the caller's state, e.g. fit's epoch and history
@@ -33,6 +33,7 @@ from pyro.optim import PyroOptim
 
 from pyro_bqn._state import (
     buffers_of,
+    check_fixed_levels,
     check_matching,
     copy_into,
     live_params,
@@ -125,7 +126,9 @@ def load_checkpoint(
 
     Build ``model`` and ``guide`` after :func:`pyro.clear_param_store` (or in the store they
     were trained in): a stale param-store entry with a module parameter's name would shadow
-    the module's own tensor, in Pyro generally.
+    the module's own tensor, in Pyro generally. Build them with the same fixed levels: those
+    are part of the model's declaration, so a checkpoint with other ones is refused (learnable
+    levels are parameters and are restored).
 
     A file that cannot be read or verified changes nothing; one that does not fit the model
     and guide changes none of their existing values (the run may have created the guide's
@@ -138,7 +141,8 @@ def load_checkpoint(
     :raises ValueError: naming ``path`` if the file cannot be read, is not a checkpoint, is
         corrupt (its checksum does not match: damaged or truncated) or of another version;
         naming the parameter or buffer if the checkpoint does not fit the model and guide
-        or if ``optimizer`` has already stepped or the checkpoint holds no optimiser state.
+        (also fixed levels that differ, naming both level sets); or if ``optimizer`` has
+        already stepped or the checkpoint holds no optimiser state.
     """
     payload = load_payload(
         path, FILE_FORMAT, FILE_VERSION, tensor_groups=("params", "model_buffers", "guide_buffers")
@@ -169,6 +173,8 @@ def load_checkpoint(
     check_matching(params, payload["params"], "parameter", source, allow_extra=True)
     check_matching(model_buffers, payload["model_buffers"], "model buffer", source)
     check_matching(guide_buffers, payload["guide_buffers"], "guide buffer", source)
+    check_fixed_levels(model, payload["model_buffers"], "model buffer", source)
+    check_fixed_levels(guide, payload["guide_buffers"], "guide buffer", source)
     # copy_into copies the entries the model and guide read; other saved params are left out.
     copy_into(params, payload["params"])
     copy_into(model_buffers, payload["model_buffers"])

@@ -48,6 +48,7 @@ from pyro.distributions import TorchDistribution
 
 from pyro_bqn._state import (
     buffers_of,
+    check_fixed_levels,
     check_matching,
     copy_into,
     live_params,
@@ -250,7 +251,8 @@ class QuantizedNetwork:
         a fresh instance of the same architecture.
 
         :raises ValueError: naming the site, parameter or buffer where network and model
-            differ.
+            differ, also where the model is declared with other fixed levels (naming both
+            level sets).
         """
         # A deep copy, taken during the run: the distribution may hold the model's own
         # tensors (e.g. a noise parameter), which are restored when the run ends.
@@ -290,6 +292,7 @@ class QuantizedNetwork:
             buffers = buffers_of(model)
             check_matching(params, self.params, "parameter", "the network")
             check_matching(buffers, self.buffers, "buffer", "the network")
+            check_fixed_levels(model, self.buffers, "buffer", "the network")
             with preserved(params), preserved(buffers):
                 copy_into(params, self.params)
                 copy_into(buffers, self.buffers)

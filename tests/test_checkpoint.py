@@ -3,6 +3,7 @@ import pytest
 import torch
 from pyro.infer import SVI
 
+from pyro_bqn import levels as qlevels
 from pyro_bqn.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bqn.export import export_network
 from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO, predict
@@ -143,6 +144,43 @@ def test_extra_that_a_checkpoint_cannot_hold_is_refused_before_writing(tmp_path,
     with pytest.raises(ValueError, match=match):
         save_checkpoint(path, run.model, run.guide, extra=extra)
     assert not path.exists()
+
+
+# --- level sets -----------------------------------------------------------------------------
+
+
+def test_fixed_levels_of_another_declaration_are_refused_naming_both_level_sets(tmp_path):
+    run = trained_mlp(steps=1)  # ternary {-1, 0, 1}
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, run.model, run.guide)
+    pyro.clear_param_store()
+    model = QuantizedMLP(SIZES, levels=qlevels.from_values([-2.0, 0.0, 2.0]))
+    guide = AutoQuantizedGuide(model)
+    with pytest.raises(
+        ValueError,
+        match=r"buffer 'body\.1\.levels\._values' holds the fixed levels \[-2\.0, 0\.0, 2\.0\] "
+        r".*checkpoint\.pt' holds \[-1\.0, 0\.0, 1\.0\]",
+    ):
+        load_checkpoint(path, model, guide, run.x, run.y)
+    assert model.body[1].levels.values.tolist() == [-2.0, 0.0, 2.0]
+
+
+def test_learnable_levels_are_trained_values_and_are_restored(tmp_path):
+    run = trained_mlp(levels=qlevels.learnable([-1.0, 0.0, 1.0]), steps=3)
+    trained = run.model.body[1].levels.values.detach().clone()
+    assert not torch.equal(trained, torch.tensor([-1.0, 0.0, 1.0]))  # training moved them
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, run.model, run.guide)
+    loss, probs, _ = _outputs(run.model, run.guide, run.x, run.y)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(5)
+    model = QuantizedMLP(SIZES, levels=qlevels.learnable([-1.5, 0.0, 1.0]))
+    guide = AutoQuantizedGuide(model)
+    load_checkpoint(path, model, guide, run.x, run.y)
+    assert torch.equal(model.body[1].levels.values, trained)
+    assert DeterministicELBO().loss(model, guide, run.x, run.y) == loss
+    assert torch.equal(predict(model, guide, run.x), probs)
 
 
 # --- the optimiser fit uses -----------------------------------------------------------------

@@ -251,3 +251,16 @@ def test_running_on_a_model_that_does_not_fit_names_the_site_parameter_or_buffer
     with pytest.raises(ValueError, match="batch_norm must be one of"):
         QuantizedNetwork(network.quantized, batch_norm="moments")
 
+
+def test_running_on_a_model_declared_with_other_fixed_levels_is_refused(tmp_path):
+    run = trained_mlp(steps=1)  # ternary {-1, 0, 1}
+    export_network(run.model, run.guide, run.x).save(tmp_path / "network.pt")
+    network = QuantizedNetwork.load(tmp_path / "network.pt")
+    model = QuantizedMLP(SIZES, levels=qlevels.from_values([-2.0, 0.0, 2.0]))
+    with pytest.raises(
+        ValueError,
+        match=r"buffer 'body\.1\.levels\._values' holds the fixed levels \[-2\.0, 0\.0, 2\.0\] "
+        r".*the network holds \[-1\.0, 0\.0, 1\.0\]",
+    ):
+        network.run(model, run.x)
+    assert model.body[1].levels.values.tolist() == [-2.0, 0.0, 2.0]
