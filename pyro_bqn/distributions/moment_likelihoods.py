@@ -16,7 +16,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pyro.distributions import Categorical, Normal, TorchDistribution, constraints
+from pyro.distributions import (
+    Categorical,
+    ExpandedDistribution,
+    MaskedDistribution,
+    Normal,
+    TorchDistribution,
+    constraints,
+)
 from torch.distributions.utils import lazy_property
 
 from pyro_bqn.moments import Moments, split_moments
@@ -252,15 +259,42 @@ class MomentNormal(TorchDistribution):
 
 
 def expected_log_prob(fn: TorchDistribution, value: torch.Tensor) -> torch.Tensor:
-    """``fn.expected_log_prob(value)`` where ``fn`` (or the base of an ``Independent``) is
-    moment-aware, else ``fn.log_prob(value)``; shape ``fn.batch_shape`` broadcast with value."""
+    """``fn.expected_log_prob(value)`` where ``fn`` is moment-aware, else ``fn.log_prob(value)``;
+    shape ``fn.batch_shape`` broadcast with ``value.shape[:value.dim() - fn.event_dim]``.
+
+    Pyro's wrappers of a moment-aware likelihood are seen through, as their ``log_prob``
+    treats ``base_dist.log_prob``: ``Independent`` (``.to_event``) sums the reinterpreted
+    dimensions, ``MaskedDistribution`` (``.mask``) zeroes the masked entries and
+    ``ExpandedDistribution`` expands. Their own ``log_prob`` would reach the *predictive*
+    ``log_prob`` of the likelihood, a different objective that is not a bound of the ELBO.
+
+    :raises NotImplementedError: for any other wrapper (a ``base_dist`` chain) around a
+        moment-aware likelihood, rather than silently using its predictive ``log_prob``.
+    """
     if hasattr(fn, "expected_log_prob"):
         return fn.expected_log_prob(value)
-    if hasattr(fn, "reinterpreted_batch_ndims"):
+    if isinstance(fn, torch.distributions.Independent):  # Pyro's Independent is one too
         inner = expected_log_prob(fn.base_dist, value)
-        return (
-            inner.sum(tuple(range(-fn.reinterpreted_batch_ndims, 0)))
-            if fn.reinterpreted_batch_ndims
-            else inner
+        dims = fn.reinterpreted_batch_ndims
+        return inner.sum(tuple(range(-dims, 0))) if dims else inner
+    if isinstance(fn, MaskedDistribution):
+        inner = expected_log_prob(fn.base_dist, value)
+        mask = fn._mask  # Pyro keeps it private; a bool or a tensor broadcastable to inner
+        if isinstance(mask, bool):
+            return inner if mask else torch.zeros_like(inner)
+        return torch.where(mask, inner, inner.new_zeros(()))
+    if isinstance(fn, ExpandedDistribution):
+        inner = expected_log_prob(fn.base_dist, value)
+        return inner.expand(
+            torch.broadcast_shapes(fn.batch_shape, value.shape[: value.dim() - fn.event_dim])
         )
+    base = getattr(fn, "base_dist", None)
+    while base is not None:
+        if hasattr(base, "expected_log_prob"):
+            raise NotImplementedError(
+                f"no expected log-likelihood for a {type(fn).__name__} around a "
+                f"{type(base).__name__}: only .to_event(), .mask() and .expand() wrappers of a "
+                "moment likelihood have one"
+            )
+        base = getattr(base, "base_dist", None)
     return fn.log_prob(value)

@@ -121,3 +121,28 @@ def test_bad_inputs_are_reported():
     d = MomentCategorical(logits=torch.zeros(2, 3), validate_args=True)
     with pytest.raises(ValueError, match="support"):
         d.expected_log_prob(torch.tensor([0, 5]))
+
+
+def test_expected_log_prob_sees_through_mask_and_expand():
+    # With variance in the logits, the predictive log_prob (what the wrappers' own log_prob
+    # reaches) differs from the Jensen bound: the wrappers must not fall back to it.
+    gen = torch.Generator().manual_seed(0)
+    logits = Moments(torch.randn(4, 3, generator=gen), 0.5 + torch.rand(4, 3, generator=gen))
+    d = MomentCategorical(logits=logits)
+    y = torch.tensor([0, 2, 1, 1])
+    bound = d.expected_log_prob(y)
+    assert ((d.log_prob(y) - bound).abs() > 1e-3).all()
+    mask = torch.tensor([True, False, True, False])
+    torch.testing.assert_close(expected_log_prob(d.mask(mask), y), torch.where(mask, bound, 0.0))
+    torch.testing.assert_close(expected_log_prob(d.mask(True), y), bound)
+    torch.testing.assert_close(expected_log_prob(d.mask(False), y), torch.zeros(4))
+    expanded = dist.ExpandedDistribution(d, (2, 4))
+    torch.testing.assert_close(expected_log_prob(expanded, y), bound.expand(2, 4))
+    torch.testing.assert_close(expected_log_prob(d.mask(mask).to_event(1), y), bound[mask].sum())
+
+
+def test_expected_log_prob_refuses_an_unknown_wrapper_of_a_moment_likelihood():
+    base = MomentNormal(Moments(torch.zeros(3), torch.ones(3)), 1.0)
+    wrapped = dist.TransformedDistribution(base, [dist.transforms.AffineTransform(0.0, 2.0)])
+    with pytest.raises(NotImplementedError, match="TransformedDistribution.*MomentNormal"):
+        expected_log_prob(wrapped, torch.zeros(3))
