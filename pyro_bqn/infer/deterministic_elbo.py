@@ -126,10 +126,16 @@ class DeterministicELBO(ELBO):
     @staticmethod
     def _check_guide_sites(model_latents: dict, guide_latents: dict) -> None:
         for name, site in guide_latents.items():
-            if name not in model_latents and not site["infer"].get("is_auxiliary"):
+            auxiliary = site["infer"].get("is_auxiliary")
+            if name not in model_latents and not auxiliary:
                 raise ValueError(
                     f"guide sample site '{name}' does not appear in the model (mark it "
                     "infer={'is_auxiliary': True} if that is intended)"
+                )
+            if name in model_latents and auxiliary:
+                raise ValueError(
+                    f"guide sample site '{name}' is marked infer={{'is_auxiliary': True}} but "
+                    "is a latent site of the model, whose KL needs the guide's posterior there"
                 )
 
     def terms(self, model, guide, *args, **kwargs) -> dict[str, torch.Tensor]:
@@ -179,10 +185,12 @@ class DeterministicELBO(ELBO):
         """``-(E_q[log p(y|.)] - kl_weight * KL)``, a differentiable scalar."""
         terms = self.terms(model, guide, *args, **kwargs)
         self.last_terms = {key: value.item() for key, value in terms.items()}
-        if math.isnan(self.last_terms["elbo"]):
+        if not math.isfinite(self.last_terms["elbo"]):
+            # Refused before backward: an infinite loss would turn every parameter into NaN.
             raise ValueError(
-                f"DeterministicELBO is NaN (terms {self.last_terms}): a parameter or an input "
-                "holds NaN, or the learning rate is too large"
+                f"DeterministicELBO is not finite (terms {self.last_terms}): NaN means a "
+                "parameter or an input holds NaN, or the learning rate is too large; an "
+                "infinite KL means the guide puts mass where the prior has none"
             )
         return -terms["elbo"]
 

@@ -7,9 +7,12 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
+from pyro.infer import SVI
 from pyro.nn import PyroModule
 
+from pyro_bqn import levels
 from pyro_bqn.distributions.moment_likelihoods import MomentNormal
+from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical
 from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO
 from pyro_bqn.models import QuantizedMLP
 from pyro_bqn.nn.quantized_linear import QuantizedLinear
@@ -104,3 +107,39 @@ def test_observed_value_that_is_not_a_tensor_is_refused():
     model, guide, x, y = _mlp()
     with pytest.raises(TypeError, match="site 'obs'.*list"):
         DeterministicELBO().loss(model, guide, x, y.tolist())
+
+
+def _one_weight_model():
+    # The prior gives level +1 no mass, so any guide that does has an infinite KL.
+    prior = QuantizedCategorical(levels.ternary(), probs=torch.tensor([0.5, 0.5, 0.0]))
+    w = pyro.sample("w", prior)
+    pyro.sample("obs", MomentNormal(w, 1.0), obs=torch.tensor(0.3))
+
+
+def test_infinite_loss_is_refused_before_the_parameters_turn_nan():
+    def guide():
+        logits = pyro.param("logits", torch.zeros(3))
+        pyro.sample("w", QuantizedCategorical(levels.ternary(), logits=logits))
+
+    svi = SVI(_one_weight_model, guide, pyro.optim.Adam({"lr": 0.1}), DeterministicELBO())
+    with pytest.raises(ValueError, match=r"not finite.*'kl': inf"):
+        svi.step()
+    assert torch.equal(pyro.param("logits").detach(), torch.zeros(3))  # no step was taken
+
+
+def test_nan_loss_is_refused():
+    def guide():
+        logits = torch.full((3,), float("nan"))
+        pyro.sample("w", QuantizedCategorical(levels.ternary(), logits=logits, validate_args=False))
+
+    with pytest.raises(ValueError, match=r"not finite.*'elbo': nan"):
+        DeterministicELBO().loss(_one_weight_model, guide)
+
+
+def test_model_latent_marked_auxiliary_in_the_guide_is_refused():
+    def guide():
+        prior = QuantizedCategorical(levels.ternary(), logits=torch.zeros(3))
+        pyro.sample("w", prior, infer={"is_auxiliary": True})
+
+    with pytest.raises(ValueError, match="site 'w'.*is_auxiliary"):
+        DeterministicELBO().loss(_one_weight_model, guide)
