@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import xarray as xr
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -38,6 +39,9 @@ __all__ = [
 
 # Upper limit of axes showing shares in [0, 1]: headroom for the legend above 1.
 _SHARE_TOP = 1.3
+#: Above this many levels, occupancy is drawn as a line over the level values, not as
+#: stacked bars with one legend entry per level.
+MAX_STACKED_LEVELS = 32
 
 
 def _quantized_sites(guide: AutoQuantizedGuide, sites: Sequence[str] | None) -> list[str]:
@@ -129,25 +133,7 @@ def plot_posterior_summary(summary: xr.Dataset) -> Figure:
     fig = Figure(figsize=(4.0 + 1.6 * len(names), 4.0), layout="constrained")
     occupancy_ax, entropy_ax, share_ax = fig.subplots(1, 3)
 
-    levels = summary["level"].values
-    bottom = np.zeros(len(names))
-    for level, color in zip(levels, _level_colors(levels), strict=True):
-        # NaN (level absent from a site's set) stacks as zero height.
-        height = np.nan_to_num(summary["occupancy"].sel(level=level).values)
-        occupancy_ax.bar(
-            x,
-            height,
-            bottom=bottom,
-            color=color,
-            edgecolor="black",
-            linewidth=0.5,
-            label=f"{level:g}",
-        )
-        bottom += height
-    occupancy_ax.set_ylim(0, 1)
-    occupancy_ax.set_ylabel("expected share of weights")
-    occupancy_ax.set_title("level occupancy")
-    occupancy_ax.legend(title="level", fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    _plot_occupancy(occupancy_ax, summary, x, names)
 
     entropy_ax.bar(x, summary["entropy"].values, color="tab:purple", label="mean entropy")
     entropy_ax.scatter(
@@ -178,9 +164,44 @@ def plot_posterior_summary(summary: xr.Dataset) -> Figure:
     share_ax.set_title("certainty and sparsity")
     share_ax.legend(fontsize="small")
 
-    for ax in (occupancy_ax, entropy_ax, share_ax):
+    for ax in (entropy_ax, share_ax):
         ax.set_xticks(x, names, rotation=30, ha="right")
     return fig
+
+
+def _plot_occupancy(ax: Axes, summary: xr.Dataset, x: np.ndarray, names: list[str]) -> None:
+    """Level occupancy per site: a stacked bar per site for up to
+    :data:`MAX_STACKED_LEVELS` levels; beyond that (one bar and one legend entry per level
+    would take minutes to draw for 16-bit weights) a line per site over the level values."""
+    levels = summary["level"].values
+    ax.set_ylabel("expected share of weights")
+    ax.set_title("level occupancy")
+    if levels.size > MAX_STACKED_LEVELS:
+        for index, name in enumerate(names):
+            occupancy = summary["occupancy"].isel(site=index).values
+            present = ~np.isnan(occupancy)
+            ax.plot(levels[present], occupancy[present], color=f"C{index}", label=name)
+        ax.set_xlabel("level value")
+        ax.set_ylim(bottom=0)
+        ax.legend(title="site", fontsize="small")
+        return
+    bottom = np.zeros(len(names))
+    for level, color in zip(levels, _level_colors(levels), strict=True):
+        # NaN (level absent from a site's set) stacks as zero height.
+        height = np.nan_to_num(summary["occupancy"].sel(level=level).values)
+        ax.bar(
+            x,
+            height,
+            bottom=bottom,
+            color=color,
+            edgecolor="black",
+            linewidth=0.5,
+            label=f"{level:g}",
+        )
+        bottom += height
+    ax.set_ylim(0, 1)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.legend(title="level", fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
 
 
 def plot_summary_history(history: xr.Dataset) -> Figure:
@@ -264,6 +285,15 @@ class PosteriorSummaryRecorder:
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def state_dict(self) -> dict:
+        """The records as plain lists and dictionaries (what :func:`torch.load` with
+        ``weights_only=True`` reads back), so :func:`pyro_bqn.fit` can checkpoint them."""
+        return {"records": [record.to_dict(data="list") for record in self._records]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the records with those of :meth:`state_dict`."""
+        self._records = [xr.Dataset.from_dict(record) for record in state["records"]]
 
     def to_dataset(self) -> xr.Dataset:
         """All records concatenated along a new leading ``epoch`` dim.

@@ -183,3 +183,38 @@ def test_recorder_is_a_fit_callback(set_guide, data):
         model_with_num_data, guide, *data, epochs=2, batch_size=4, progress=False, callback=recorder
     )
     assert list(recorder.to_dataset()["epoch"].values) == [1, 2]
+
+
+def test_recorder_state_round_trips_through_a_weights_only_file(set_guide, data, tmp_path):
+    _, guide = set_guide
+    recorder = PosteriorSummaryRecorder(guide)
+    recorder(1)
+    recorder(2)
+    torch.save(recorder.state_dict(), tmp_path / "state.pt")
+    restored = PosteriorSummaryRecorder(guide)
+    restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert restored.to_dataset().identical(recorder.to_dataset())
+
+
+def test_many_levels_draw_one_line_per_site_not_one_bar_per_level(data):
+    # 8-bit weights: 256 levels. A bar and a legend entry per level took minutes at 16 bits.
+    pyro.clear_param_store()
+
+    class Wide(PyroModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = QuantizedLinear(2, 2, levels=levels.uniform(8), bias=False)
+
+        def forward(self, x, y=None):
+            logits = self.fc(x)
+            with pyro.plate("data", x.shape[0]):
+                return pyro.sample("obs", MomentCategorical(logits=logits), obs=y)
+
+    guide = AutoQuantizedGuide(Wide())
+    guide(*data)
+    summary = posterior_summary(guide)
+    assert summary["level"].size == 256
+    occupancy_ax = plot_posterior_summary(summary).axes[0]
+    assert len(occupancy_ax.patches) == 0
+    [line] = occupancy_ax.lines
+    np.testing.assert_allclose(line.get_ydata(), summary["occupancy"].values[0])
