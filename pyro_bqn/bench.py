@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from pyro.infer import Trace_ELBO
 
 from pyro_bqn import baselines
+from pyro_bqn.atomic_files import write_text
 from pyro_bqn.data import Dataset
 from pyro_bqn.diagnostics import calibration_report, nll, save_figure
 from pyro_bqn.infer import (
@@ -244,7 +245,15 @@ def run_method(name: str, config: BenchConfig, data: Dataset, seed: int) -> Meth
 
 
 def summarise(runs: Sequence[MethodRun]) -> list[dict[str, object]]:
-    """Mean and standard deviation over seeds of each method's metrics, one row a method."""
+    """Mean and standard deviation over seeds of each method's metrics, one row a method.
+
+    :raises ValueError: if a method was run twice with one seed (the spread over seeds
+        would be understated).
+    """
+    pairs = [(run.method, run.seed) for run in runs]
+    repeated = sorted({pair for pair in pairs if pairs.count(pair) > 1})
+    if repeated:
+        raise ValueError(f"each method must run once per seed; repeated (method, seed): {repeated}")
     rows = []
     for method in dict.fromkeys(run.method for run in runs):
         mine = [run for run in runs if run.method == method]
@@ -310,8 +319,9 @@ def write_report(
         "summary": rows,
         "runs": [asdict(run) for run in runs],
     }
-    (output / "bench.json").write_text(json.dumps(payload, indent=2))
-    title = f"{dataset}, {'-'.join(map(str, config.sizes))}, {len(rows[0]['seeds'])} seeds"
-    (output / "bench.md").write_text(_markdown(rows, title))
+    write_text(output / "bench.json", json.dumps(payload, indent=2))
+    num_seeds = len({run.seed for run in runs})
+    title = f"{dataset}, {'-'.join(map(str, config.sizes))}, {num_seeds} seeds"
+    write_text(output / "bench.md", _markdown(rows, title))
     save_figure(_plot(rows, runs), output / "bench.png")
     return rows

@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from pyro_bqn.atomic_files import write_with
 from pyro_bqn.diagnostics._validation import TensorLike, as_scores, check_num_bins
 from pyro_bqn.diagnostics.calibration import _bin_sums, _bins_from_sums, _ece
 
@@ -171,7 +172,8 @@ def entropy_histogram(
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Path:
-    """Write ``fig`` to ``path`` as a PNG, creating missing parent directories.
+    """Write ``fig`` to ``path`` as a PNG, atomically (:mod:`pyro_bqn.atomic_files`: an
+    interrupted save leaves the previous file intact), creating missing parent directories.
 
     The file is PNG whatever ``path``'s suffix; the figure is left open for further use.
 
@@ -182,5 +184,5 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Pa
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight")
+    write_with(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight"))
     return path
