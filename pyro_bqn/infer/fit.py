@@ -1,19 +1,25 @@
-"""A minibatch SVI loop with progress and per-epoch metrics."""
+"""A minibatch SVI loop with progress, per-epoch metrics, checkpoints and resuming."""
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pyro
 import torch
 from pyro.infer import ELBO, SVI
 from tqdm.auto import tqdm
 
+from pyro_bqn.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bqn.infer.deterministic_elbo import DeterministicELBO
+from pyro_bqn.minibatches import minibatches, num_minibatches
 
 __all__ = ["fit"]
+
+PathLike = str | os.PathLike
 
 
 def _current_lr(optim: pyro.optim.PyroLRScheduler, initial: float) -> float:
@@ -21,6 +27,48 @@ def _current_lr(optim: pyro.optim.PyroLRScheduler, initial: float) -> float:
     for scheduler in optim.optim_objs.values():
         return scheduler.get_last_lr()[0]
     return initial
+
+
+def _floating_dtype(module: Any) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter or buffer (``None`` if none)."""
+    if not isinstance(module, torch.nn.Module):
+        return None
+    tensors = [*module.parameters(), *module.buffers()]
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
+
+
+def _check_data(model: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Refuse data that ``fit`` cannot train on, naming what was expected."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"x must have shape (N, ...) with N >= 1 examples, got {tuple(x.shape)}")
+    if y.dim() == 0:
+        raise ValueError(f"y must have shape (N, ...), got a scalar {y}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same length, got {x.shape[0]} and {y.shape[0]}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    non_finite = int(x.numel() - torch.isfinite(x).sum())
+    if non_finite:
+        raise ValueError(f"x holds {non_finite} non-finite values (NaN or inf)")
+    expected = _floating_dtype(model)
+    if expected is not None and x.dtype != expected:
+        raise ValueError(
+            f"x is {x.dtype} but the model's parameters are {expected}: convert the inputs "
+            f"(x.to({expected})) or the model (e.g. model.to({x.dtype}), which works end to end)"
+        )
+
+
+def _check_settings(epochs: int, batch_size: int, lr: float, final_lr_fraction: float) -> None:
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not (math.isfinite(lr) and lr > 0) or not 0 < final_lr_fraction <= 1:
+        raise ValueError(
+            f"need lr > 0 (finite) and 0 < final_lr_fraction <= 1, got lr={lr}, "
+            f"final_lr_fraction={final_lr_fraction}"
+        )
 
 
 def fit(
@@ -38,6 +86,8 @@ def fit(
     seed: int = 0,
     progress: bool = True,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint: PathLike | None = None,
+    resume: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``model``/``guide`` with :class:`pyro.infer.SVI` on minibatches of ``(x, y)``.
 
@@ -49,28 +99,54 @@ def fit(
     The default ``lr = 0.1`` suits the guide's logits: on the MNIST subset a 784-512-256-10
     ternary network reached test NLL 0.19 with it against 0.33 with ``1e-2`` (12 epochs).
 
-    :param x: inputs, ``(N, ...)``.
+    Minibatches are a fresh permutation each epoch, drawn from a generator seeded with
+    ``seed``; a last minibatch of one example is folded into the one before
+    (:mod:`pyro_bqn.minibatches`), since batch norm cannot train on one example.
+
+    **Checkpoints and resuming.** With ``checkpoint``, the state of the run is saved to
+    that file (atomically, :func:`~pyro_bqn.save_checkpoint`) at the end of every epoch:
+    parameters, buffers, the optimiser and its learning-rate schedule, the shuffling
+    generator, the history so far and, if ``callback`` has ``state_dict()`` and
+    ``load_state_dict()``, the callback's state. With ``resume=True`` the run continues
+    after the last saved epoch, and ends with the same parameters and history (but the
+    ``seconds``) as a run that was never interrupted. Build ``model`` and ``guide`` afresh
+    after :func:`pyro.clear_param_store` before resuming.
+
+    Usage::
+
+        >>> import torch, pyro
+        >>> from pyro_bqn import QuantizedMLP, AutoQuantizedGuide
+        >>> pyro.clear_param_store()
+        >>> x, y = torch.randn(40, 4), torch.randint(0, 2, (40,))
+        >>> model = QuantizedMLP((4, 8, 2)); guide = AutoQuantizedGuide(model)
+        >>> history = fit(model, guide, x, y, epochs=2, batch_size=10, progress=False)
+        >>> [record["epoch"] for record in history]
+        [1, 2]
+
+    :param x: inputs, ``(N, ...)``, of the model's floating-point dtype.
     :param y: labels, ``(N,)``.
     :param elbo: the objective; default ``DeterministicELBO(kl_weight)`` (sampling-free).
         Pass e.g. ``pyro.infer.Trace_ELBO(num_particles=S)`` for the sampling baseline.
     :param callback: called after each epoch with ``(epoch, metrics)``.
+    :param checkpoint: file to save the run's state to after every epoch.
+    :param resume: continue the run saved in ``checkpoint``; its settings (``epochs``,
+        ``batch_size``, ``lr``, ``final_lr_fraction``, ``kl_weight``, ``seed``, ``N``) must
+        be the ones passed now.
     :return: per-epoch metrics: ``loss`` (per data point), ``seconds``, ``lr`` (the learning
         rate at the end of the epoch) and, with :class:`DeterministicELBO`,
         ``expected_log_likelihood`` and ``kl`` per data point.
+    :raises ValueError: before any training, naming the argument, for bad data or
+        settings, or a checkpoint that does not belong to this run.
+    :raises FloatingPointError: if the loss stops being finite (the last checkpoint, if
+        any, holds the epoch before).
     """
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must have the same length, got {x.shape[0]} and {y.shape[0]}")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not lr > 0 or not 0 < final_lr_fraction <= 1:
-        raise ValueError(
-            f"need lr > 0 and 0 < final_lr_fraction <= 1, got lr={lr}, "
-            f"final_lr_fraction={final_lr_fraction}"
-        )
+    _check_data(model, x, y)
+    _check_settings(epochs, batch_size, lr, final_lr_fraction)
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs the checkpoint file to resume from")
     elbo = elbo if elbo is not None else DeterministicELBO(kl_weight=kl_weight)
     num_data = x.shape[0]
-    steps_per_epoch = math.ceil(num_data / batch_size)
+    steps_per_epoch = num_minibatches(num_data, batch_size)
     decay = final_lr_fraction ** (1.0 / max(1, epochs * steps_per_epoch))
     optim = pyro.optim.ExponentialLR(
         {"optimizer": torch.optim.Adam, "optim_args": {"lr": lr, "fused": True}, "gamma": decay},
@@ -78,15 +154,37 @@ def fit(
     )
     svi = SVI(model, guide, optim, elbo)
     generator = torch.Generator().manual_seed(seed)
+    settings = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "final_lr_fraction": final_lr_fraction,
+        "kl_weight": kl_weight,
+        "seed": seed,
+        "num_data": num_data,
+    }
     history: list[dict[str, float]] = []
-    bar = tqdm(range(epochs), desc="fit", disable=not progress, unit="epoch")
+    if resume:
+        history = _resume(checkpoint, model, guide, optim, generator, settings, callback, x, y)
+    bar = tqdm(
+        range(len(history), epochs),
+        desc="fit",
+        disable=not progress,
+        unit="epoch",
+        initial=len(history),
+        total=epochs,
+    )
     for epoch in bar:
         start = time.perf_counter()
         totals: dict[str, float] = {}
-        order = torch.randperm(num_data, generator=generator)
-        for begin in range(0, num_data, batch_size):
-            idx = order[begin : begin + batch_size]
+        order = torch.randperm(num_data, generator=generator).to(x.device)
+        for step, idx in enumerate(minibatches(order, batch_size), 1):
             loss = svi.step(x[idx], y[idx], num_data=num_data)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"the loss became {loss} at epoch {epoch + 1}, step {step}: lower lr "
+                    f"(now {lr}) or check the data for non-finite values"
+                )
             optim.step()
             totals["loss"] = totals.get("loss", 0.0) + loss
             for key in ("expected_log_likelihood", "kl"):
@@ -100,4 +198,46 @@ def fit(
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if callback is not None:
             callback(epoch + 1, metrics)
+        if checkpoint is not None:
+            state = {"settings": settings, "history": history, "generator": generator.get_state()}
+            if hasattr(callback, "state_dict"):
+                state["callback"] = callback.state_dict()
+            save_checkpoint(checkpoint, model, guide, optim, extra={"fit": state})
     return history
+
+
+def _resume(
+    checkpoint: PathLike,
+    model: Any,
+    guide: Any,
+    optim: pyro.optim.PyroOptim,
+    generator: torch.Generator,
+    settings: dict[str, Any],
+    callback: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> list[dict[str, float]]:
+    """Restore the run saved in ``checkpoint`` (see :func:`fit`); return its history."""
+    # Two examples, so that a model with batch norm in training mode can run.
+    example = slice(0, min(2, x.shape[0]))
+    extra = load_checkpoint(
+        checkpoint, model, guide, x[example], y[example], num_data=x.shape[0], optimizer=optim
+    )
+    state = extra.get("fit")
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {os.fspath(checkpoint)!r} was not written by fit")
+    for name, value in settings.items():
+        if state["settings"].get(name) != value:
+            raise ValueError(
+                f"cannot resume: checkpoint {os.fspath(checkpoint)!r} was trained with "
+                f"{name}={state['settings'].get(name)!r}, this run has {name}={value!r}"
+            )
+    generator.set_state(state["generator"])
+    if callback is not None and hasattr(callback, "load_state_dict"):
+        if "callback" not in state:
+            raise ValueError(
+                f"checkpoint {os.fspath(checkpoint)!r} holds no state for the callback "
+                f"{type(callback).__name__}: it was saved with another callback"
+            )
+        callback.load_state_dict(state["callback"])
+    return [dict(record) for record in state["history"]]

@@ -174,3 +174,88 @@ def test_default_objective_is_deterministic_elbo(data, monkeypatch):
     model, guide = _model_and_guide()
     fit(model, guide, x, y, epochs=1, batch_size=200, progress=False, kl_weight=0.25)
     assert made == [{"kl_weight": 0.25}]
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "match"),
+    [
+        (torch.zeros(0, 6), torch.zeros(0, dtype=torch.long), "N >= 1"),
+        (torch.zeros(10, 6), torch.zeros(9, dtype=torch.long), "same length"),
+        (torch.zeros(10, 6, dtype=torch.long), torch.zeros(10, dtype=torch.long), "floating"),
+        (torch.zeros(10, 6, dtype=torch.float64), torch.zeros(10, dtype=torch.long), "model.to"),
+    ],
+)
+def test_data_it_cannot_train_on_is_refused_before_training(x, y, match):
+    model, guide = _model_and_guide()
+    with pytest.raises(ValueError, match=match):
+        fit(model, guide, x, y, epochs=1, progress=False)
+    assert len(pyro.get_param_store()) == 0
+
+
+def test_float64_trains_when_the_model_is_float64(data):
+    x, y, _, _ = data
+    model, guide = _model_and_guide()
+    model.double()
+    history = fit(model, guide, x.double(), y, epochs=1, batch_size=64, progress=False)
+    assert math.isfinite(history[0]["loss"])
+
+
+def test_non_finite_inputs_are_refused(data):
+    x, y, _, _ = data
+    x = x.clone()
+    x[5, 0] = float("nan")
+    model, guide = _model_and_guide()
+    with pytest.raises(ValueError, match="x holds 1 non-finite value"):
+        fit(model, guide, x, y, epochs=1, progress=False)
+
+
+class _NaNAfterFirstStep(Trace_ELBO):
+    steps = 0
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        loss = super().loss_and_grads(model, guide, *args, **kwargs)
+        self.steps += 1
+        return loss if self.steps == 1 else math.nan
+
+
+def test_a_loss_that_stops_being_finite_stops_training(data):
+    x, y, _, _ = data
+    model, guide = _model_and_guide()
+    with pytest.raises(FloatingPointError, match="epoch 1, step 2"):
+        fit(model, guide, x, y, elbo=_NaNAfterFirstStep(), batch_size=64, progress=False)
+
+
+def _fresh():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    return _model_and_guide()
+
+
+def test_resuming_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(data, tmp_path):
+    x, y, _, _ = data
+    settings = dict(epochs=4, batch_size=64, lr=0.05, seed=3, progress=False)
+    model, guide = _fresh()
+    whole = fit(model, guide, x, y, **settings)
+    expected = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+    model, guide = _fresh()
+    saved = fit(model, guide, x, y, **settings, checkpoint=tmp_path / "c.pt")
+    assert [h["loss"] for h in saved] == [h["loss"] for h in whole]  # saving changes nothing
+    # Interrupted in epoch 3 of the same 4-epoch schedule.
+    model, guide = _fresh()
+
+    def stop_after_two(epoch, metrics):
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, guide, x, y, **settings, checkpoint=tmp_path / "r.pt", callback=stop_after_two)
+    model, guide = _fresh()
+    other_seed = {**settings, "seed": 4}
+    with pytest.raises(ValueError, match="seed=3, this run has seed=4"):
+        fit(model, guide, x, y, **other_seed, checkpoint=tmp_path / "r.pt", resume=True)
+    model, guide = _fresh()
+    resumed = fit(model, guide, x, y, **settings, checkpoint=tmp_path / "r.pt", resume=True)
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in whole]
+    for name, value in pyro.get_param_store().items():
+        assert torch.equal(value, expected[name]), name
