@@ -16,7 +16,8 @@ Policy, checked by :meth:`OutputFolder.prepare` before any work starts:
 * a folder with files in it is refused unless ``overwrite=True`` (the previous results are
   then replaced when the new ones are committed, not before);
 * a staging folder left by an interrupted run is refused unless ``resume=True`` (continue
-  it) or ``overwrite=True`` (start over);
+  it, after removing the temporary files of writes the interruption cut short) or
+  ``overwrite=True`` (start over);
 * a path that is a file, or whose parent cannot be written, is refused.
 
 Usage::
@@ -118,6 +119,9 @@ class OutputFolder:
                     f"--resume: no interrupted run of {self.path} to resume "
                     f"({self.staging} does not exist)"
                 )
+            # A process killed in the middle of an atomic write leaves its temporary file.
+            for temporary in self.staging.glob(".*.tmp"):
+                temporary.unlink()
             return
         if self.staging.exists():
             if not self.overwrite:

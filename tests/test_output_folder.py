@@ -58,8 +58,10 @@ def test_an_interrupted_run_must_be_resumed_or_overwritten(tmp_path):
     (first.staging / "checkpoint.pt").write_text("state")
     with pytest.raises(OutputFolderError, match="interrupted run.*--resume.*--overwrite"):
         OutputFolder(tmp_path / "run").prepare()
+    (first.staging / ".metrics.json.x1y2.tmp").write_text("half of a killed write")
     resumed = OutputFolder(tmp_path / "run", resume=True)
     resumed.prepare()
+    assert [p.name for p in resumed.staging.iterdir()] == ["checkpoint.pt"]
     assert (resumed.staging / "checkpoint.pt").read_text() == "state"
     OutputFolder(tmp_path / "run", overwrite=True).prepare()
     assert list(first.staging.iterdir()) == []
