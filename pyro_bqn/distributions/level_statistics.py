@@ -78,8 +78,8 @@ def _run_kernel(library, direction, theta, levels, arrays, *scalars: int) -> boo
     """Run ``level_statistics_<direction>`` over ranges of weights, in parallel threads for
     large tensors (ctypes releases the GIL). ``arrays`` are per-weight tensors (shape
     ``(n,)`` or levels-first ``(K, n)``), passed offset to each range, then ``scalars``.
-    Returns whether the result is unusable (a non-finite logit, or a number of levels the
-    kernel lacks)."""
+    Returns whether the result is unusable (a non-finite logit, a weight's logits more than
+    half the float range apart, or a number of levels the kernel lacks)."""
     num_levels, n = theta.shape
     function = native.kernel(
         library, "level_statistics", direction, theta.dtype, _ARGTYPES[direction]
@@ -95,7 +95,8 @@ def _run_kernel(library, direction, theta, levels, arrays, *scalars: int) -> boo
 
 def _native_forward(library, theta: torch.Tensor, levels: torch.Tensor):
     """``(mean, var, second, neg_entropy, log_normaliser)`` from the C kernel, or ``None``
-    when ``theta`` holds a non-finite logit (the kernel assumes finite values)."""
+    when ``theta`` holds a non-finite logit (the kernel assumes finite values) or logits more
+    than half the float range apart (their difference could overflow)."""
     outputs = [theta.new_empty(theta.shape[1]) for _ in range(5)]
     return None if _run_kernel(library, "forward", theta, levels, outputs) else outputs
 
@@ -173,8 +174,8 @@ class _LevelStatisticsFunction(torch.autograd.Function):
     not itself differentiable (second derivatives raise an error).
 
     The C kernel (:mod:`pyro_bqn.native`) does each direction in one pass over the logits;
-    the torch code computes the same values where the kernel is unavailable or a logit is
-    not finite.
+    the torch code computes the same values where the kernel is unavailable or refuses the
+    logits (one not finite, or two more than half the float range apart).
     """
 
     @staticmethod
