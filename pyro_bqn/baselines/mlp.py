@@ -1,7 +1,9 @@
-"""The multilayer-perceptron skeleton shared by every plain-PyTorch baseline.
+"""The network skeleton shared by every plain-PyTorch baseline.
 
-Every baseline network has the same shape, so they differ only in the linear layer (float,
-straight-through quantized, or weights written by an optimizer) and the activation::
+Every baseline network has one of the shapes of :mod:`pyro_bqn.architectures` (an MLP or
+a LeNet-style CNN), so baselines differ only in their layers (float, straight-through
+quantized, or weights written by an optimizer) and activation, then an optional learned
+logit scale::
 
     flatten → [linear(no bias) → BatchNorm1d → activation] × (L − 1) → linear(bias) → scale
 
@@ -18,7 +20,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-__all__ = ["MLP", "LinearFactory", "LogitScale", "check_sizes"]
+from pyro_bqn.architectures import TORCH_LAYERS, Architecture, Layers
+
+__all__ = ["MLP", "LinearFactory", "LogitScale", "Network", "check_sizes", "mlp_architecture"]
 
 
 class LinearFactory(Protocol):
@@ -76,9 +80,46 @@ class LogitScale(nn.Module):
         return f"scale={self.scale.item():.4g}, learnable={learnable}"
 
 
-class MLP(nn.Sequential):
-    """The shared baseline network; input ``(N, ...)`` (flattened to ``(N, sizes[0])``),
-    output logits ``(N, sizes[-1])``.
+class Network(nn.Sequential):
+    """A baseline network of any :class:`~pyro_bqn.architectures.Architecture`: its layers
+    built by ``layers``, then an optional :class:`LogitScale`. Input ``(N, ...)`` (reshaped
+    to the architecture's input shape), output logits ``(N, num_classes)``.
+
+    Children are named as :meth:`Architecture.layers` names them (``flatten``, ``fc1``,
+    ``bn1``, ``act1``, ..., ``out`` for an MLP), then ``scale``.
+
+    :param architecture: the shape.
+    :param layers: the layer factories (default :data:`~pyro_bqn.architectures.TORCH_LAYERS`).
+    :param output_scale: initial :class:`LogitScale`, or ``None`` for no scaling.
+    :param learn_output_scale: learn the output scale rather than keep it fixed.
+    """
+
+    def __init__(
+        self,
+        architecture: Architecture,
+        layers: Layers = TORCH_LAYERS,
+        *,
+        output_scale: float | None = None,
+        learn_output_scale: bool = True,
+    ) -> None:
+        modules = OrderedDict(architecture.layers(layers))
+        if output_scale is not None:
+            modules["scale"] = LogitScale(output_scale, learnable=learn_output_scale)
+        super().__init__(modules)
+        self.architecture = architecture
+        self.sizes = list(architecture.sizes)
+
+
+def mlp_architecture(sizes: Sequence[int]) -> Architecture:
+    """The :class:`~pyro_bqn.architectures.Architecture` of an MLP of widths
+    ``(d_in, h_1, ..., d_out)``."""
+    sizes = check_sizes(sizes)
+    return Architecture("mlp", (sizes[0],), sizes[-1], tuple(sizes[1:-1]))
+
+
+class MLP(Network):
+    """The shared baseline MLP; input ``(N, ...)`` (flattened to ``(N, sizes[0])``), output
+    logits ``(N, sizes[-1])``: a :class:`Network` of :func:`mlp_architecture`.
 
     Children are named ``flatten``, ``fc1``, ``bn1``, ``act1``, ..., ``out`` and ``scale``.
 
@@ -98,14 +139,9 @@ class MLP(nn.Sequential):
         output_scale: float | None = None,
         learn_output_scale: bool = True,
     ) -> None:
-        sizes = check_sizes(sizes)
-        layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-2], sizes[1:-1], strict=True), 1):
-            layers[f"fc{i}"] = linear(fan_in, fan_out, bias=False)
-            layers[f"bn{i}"] = nn.BatchNorm1d(fan_out)
-            layers[f"act{i}"] = activation()
-        layers["out"] = linear(sizes[-2], sizes[-1], bias=True)
-        if output_scale is not None:
-            layers["scale"] = LogitScale(output_scale, learnable=learn_output_scale)
-        super().__init__(layers)
-        self.sizes = sizes
+        super().__init__(
+            mlp_architecture(sizes),
+            TORCH_LAYERS.replace(linear=linear, activation=activation),
+            output_scale=output_scale,
+            learn_output_scale=learn_output_scale,
+        )
