@@ -3,63 +3,90 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import pyro
 import torch
+from pyro.distributions.torch_distribution import TorchDistributionMixin
 from pyro.nn import PyroModule
 
 from pyro_bqn import nn as qnn
+from pyro_bqn.architectures import Architecture, Layers
 from pyro_bqn.distributions.moment_likelihoods import MomentCategorical
 from pyro_bqn.levels import LevelSet, ternary
 from pyro_bqn.moments import Moments
+from pyro_bqn.nn.quantized_conv import QuantizedConv2d
 from pyro_bqn.nn.quantized_linear import QuantizedLinear
 
-__all__ = ["QuantizedMLP", "ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "QuantizedClassifier", "QuantizedMLP", "quantized_layers"]
 
 ACTIVATIONS = {"sign": qnn.Sign, "relu": qnn.ReLU}
 
 
-class QuantizedMLP(PyroModule):
-    """A classifier ``sizes[0] -> ... -> sizes[-1]`` with quantized Bayesian weights.
+def quantized_layers(
+    levels: LevelSet, activation: str = "sign", prior: TorchDistributionMixin | None = None
+) -> Layers:
+    """The :class:`~pyro_bqn.architectures.Layers` of a Bayesian quantized network: quantized
+    linear and convolution layers over ``levels`` (with ``prior``, default uniform), moment
+    batch norm, the ``activation`` (a key of :data:`ACTIVATIONS`) and Clark's max pooling."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return Layers(
+        linear=partial(QuantizedLinear, levels=levels, prior=prior),
+        conv=partial(QuantizedConv2d, levels=levels, prior=prior),
+        batch_norm1d=qnn.BatchNorm1d,
+        batch_norm2d=qnn.BatchNorm2d,
+        activation=ACTIVATIONS[activation],
+        max_pool=qnn.MaxPool2d,
+        flatten=qnn.Flatten,
+    )
 
-    Each hidden layer is ``QuantizedLinear (no bias) -> BatchNorm1d -> activation``; the
-    output layer is a ``QuantizedLinear`` with a real-valued bias followed by a learnable
+
+class QuantizedClassifier(PyroModule):
+    """A classifier of any :class:`~pyro_bqn.architectures.Architecture` (an MLP or a
+    LeNet-style CNN) with quantized Bayesian weights, as in the BQN paper's experiments.
+
+    Hidden layers are ``quantized linear or conv (no bias) -> moment batch norm ->
+    activation`` (and max pooling after each convolution block); the output layer is a
+    :class:`~pyro_bqn.QuantizedLinear` with a real-valued bias followed by a learnable
     :class:`~pyro_bqn.nn.Temperature` (initialised at ``sqrt(fan_in)``, since logits of
     ``±1`` weights and activations grow like the square root of the fan-in). The observed
     site ``"obs"`` has a :class:`~pyro_bqn.distributions.MomentCategorical` likelihood.
 
-    :param sizes: layer widths, input first, number of classes last (at least two entries).
+    Usage::
+
+        >>> arch = Architecture("cnn", (1, 28, 28), 10, (4, 8, 16))
+        >>> model = QuantizedClassifier(arch)
+        >>> model(torch.randn(2, 784)).shape
+        torch.Size([2])
+
+    :param architecture: the network's shape.
     :param levels: weight levels of every layer (default ternary).
     :param activation: ``"sign"`` (binary activations, as in Binarized Neural Networks) or
         ``"relu"``.
+    :param prior: prior of every weight over ``levels`` (default uniform), e.g. a
+        :class:`~pyro_bqn.distributions.QuantizedCategorical` favouring zero.
 
-    ``forward(x, y=None, num_data=None)``: ``x`` of shape ``(B, sizes[0])`` (any trailing shape
-    that flattens to it), labels ``y`` of shape ``(B,)``; ``num_data`` is the size of the whole
-    training set when ``x`` is a minibatch, so the likelihood is scaled by ``num_data / B``.
+    ``forward(x, y=None, num_data=None)``: ``x`` of shape ``(B, ...)`` (flat or of the
+    architecture's input shape), labels ``y`` of shape ``(B,)``; ``num_data`` is the size of
+    the whole training set when ``x`` is a minibatch, so the likelihood is scaled by
+    ``num_data / B``.
     """
 
     def __init__(
         self,
-        sizes: Sequence[int],
+        architecture: Architecture,
         levels: LevelSet | None = None,
         activation: str = "sign",
+        prior: TorchDistributionMixin | None = None,
     ) -> None:
         super().__init__()
-        if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
-            raise ValueError(f"sizes must list at least two positive widths, got {list(sizes)}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.sizes = tuple(int(s) for s in sizes)
         levels = levels if levels is not None else ternary()
-        layers: list[torch.nn.Module] = [qnn.Flatten()]
-        for fan_in, fan_out in zip(self.sizes[:-2], self.sizes[1:-1], strict=True):
-            layers += [
-                QuantizedLinear(fan_in, fan_out, levels=levels, bias=False),
-                qnn.BatchNorm1d(fan_out),
-                ACTIVATIONS[activation](),
-            ]
-        layers.append(QuantizedLinear(self.sizes[-2], self.sizes[-1], levels=levels))
-        self.body = PyroModule[torch.nn.Sequential](*layers)
+        self.architecture = architecture
+        self.sizes = architecture.sizes
+        modules = architecture.layers(quantized_layers(levels, activation, prior))
+        # Positional children, so that parameter names are "body.<index>.weight".
+        self.body = PyroModule[torch.nn.Sequential](*(module for _, module in modules))
         self.temperature = qnn.Temperature(self.sizes[-2] ** 0.5)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor | Moments:
@@ -76,3 +103,30 @@ class QuantizedMLP(PyroModule):
         # A plate of the full data size over this minibatch scales the likelihood N / B.
         with pyro.plate("data", num_data or batch, subsample=torch.arange(batch)):
             return pyro.sample("obs", MomentCategorical(logits=logits), obs=y)
+
+
+class QuantizedMLP(QuantizedClassifier):
+    """A :class:`QuantizedClassifier` MLP ``sizes[0] -> ... -> sizes[-1]``.
+
+    Each hidden layer is ``QuantizedLinear (no bias) -> BatchNorm1d -> activation``; the
+    output layer is a ``QuantizedLinear`` with a real-valued bias followed by a learnable
+    temperature.
+
+    :param sizes: layer widths, input first, number of classes last (at least two entries).
+    :param levels: weight levels of every layer (default ternary).
+    :param activation: ``"sign"`` or ``"relu"``.
+    :param prior: prior of every weight over ``levels`` (default uniform).
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        levels: LevelSet | None = None,
+        activation: str = "sign",
+        prior: TorchDistributionMixin | None = None,
+    ) -> None:
+        if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
+            raise ValueError(f"sizes must list at least two positive widths, got {list(sizes)}")
+        sizes = [int(s) for s in sizes]
+        architecture = Architecture("mlp", (sizes[0],), sizes[-1], tuple(sizes[1:-1]))
+        super().__init__(architecture, levels, activation, prior)

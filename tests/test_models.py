@@ -1,12 +1,16 @@
+import math
+
+import pyro
 import pytest
 import torch
 from pyro import poutine
 
 from pyro_bqn import levels as qlevels
 from pyro_bqn import nn as qnn
+from pyro_bqn.architectures import Architecture
 from pyro_bqn.distributions.moment_likelihoods import MomentCategorical
-from pyro_bqn.infer import AutoQuantizedGuide, MomentMessenger, predict
-from pyro_bqn.models import QuantizedMLP
+from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO, MomentMessenger, predict
+from pyro_bqn.models import QuantizedClassifier, QuantizedMLP
 from pyro_bqn.moments import Moments
 from pyro_bqn.nn.quantized_linear import QuantizedLinear
 
@@ -177,3 +181,28 @@ def test_wrong_input_width_is_refused():
     model = QuantizedMLP((64, 8, 10))
     with pytest.raises(ValueError, match=r"in_features=64, got shape \(5, 49\)"):
         model(torch.randn(5, 1, 7, 7))
+
+
+def test_a_quantized_cnn_takes_flat_or_image_inputs_and_names_its_weights_by_position():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = QuantizedClassifier(Architecture("cnn", (1, 8, 8), 3, (2, 3, 5)))
+    guide = AutoQuantizedGuide(model)
+    x, y = torch.randn(6, 64), torch.randint(0, 3, (6,))
+    loss = DeterministicELBO().loss(model, guide, x, y)
+    assert math.isfinite(loss)
+    assert DeterministicELBO().loss(model, guide, x.reshape(6, 1, 8, 8), y) == loss
+    # conv1, bn, sign, pool, conv2, bn, sign, pool, flatten, fc1, bn, sign, out
+    shapes = {name: tuple(site["value"].shape) for name, site in _weight_sites(model, x)}
+    assert shapes == {
+        "body.1.weight": (2, 1, 5, 5),
+        "body.5.weight": (3, 2, 5, 5),
+        "body.10.weight": (5, 12),
+        "body.13.weight": (3, 5),
+        "body.13.bias": (3,),
+    }
+
+
+def _weight_sites(model, x):
+    trace = poutine.trace(model).get_trace(x)
+    return [(n, s) for n, s in trace.nodes.items() if s["type"] == "sample" and "body" in n]
