@@ -1,10 +1,11 @@
 """A Gaussian mean-field Bayesian neural network with real-valued weights, written in Pyro.
 
-The continuous counterpart of the Bayesian quantized network: the same MLP widths, every
-weight and bias a latent variable with a Normal prior, a fully factorised Normal posterior
-learned by stochastic variational inference, and a Monte Carlo predictive.
+The continuous counterpart of the Bayesian quantized network: the same MLP or CNN shape,
+every weight and bias a latent variable with a Normal prior, a fully factorised Normal
+posterior learned by stochastic variational inference, and a Monte Carlo predictive.
 
-* Model (:class:`GaussianBNN`): ``flatten → [Linear → ReLU] × (L − 1) → Linear``, priors
+* Model (:class:`GaussianBNN`): ``flatten → [Linear → ReLU] × (L − 1) → Linear`` (the CNN
+  with convolutions and max pooling in front, :mod:`pyro_bqn.architectures`), priors
   ``W_l ~ N(0, (prior_scale / sqrt(fan_in_l))²)`` element-wise and ``b_l ~ N(0, prior_scale²)``,
   likelihood ``y_n ~ Categorical(logits = f(x_n; W, b))``.
 * Guide (:class:`AutoNormalAnalyticKL`): ``q(w) = N(μ_w, σ_w²)`` independently per weight.
@@ -43,8 +44,9 @@ from pyro.nn import PyroModule, PyroSample
 from torch import nn
 from tqdm.auto import tqdm
 
+from pyro_bqn.architectures import TORCH_LAYERS, Architecture
 from pyro_bqn.baselines._checks import check_data, check_positive_int
-from pyro_bqn.baselines.mlp import check_sizes
+from pyro_bqn.baselines.mlp import mlp_architecture
 from pyro_bqn.infer.scale_latents import ScaleLatentsMessenger
 from pyro_bqn.minibatches import minibatches, num_minibatches
 
@@ -56,37 +58,54 @@ __all__ = [
 ]
 
 
-class GaussianBNN(PyroModule[nn.Sequential]):
-    """An MLP whose weights and biases are ``PyroSample`` latent sites with Normal priors.
+def _bayesian(module_type: type[nn.Module], prior_scale: float):
+    """A factory of ``module_type`` layers (always with a bias: there is no batch norm to
+    shift the pre-activations) whose weight and bias are latent sites with the priors of
+    :class:`GaussianBNN`."""
 
-    Children are named ``flatten``, ``fc1``, ``act1``, ..., ``out`` (the names of
+    def build(*args, bias: bool = True, **kwargs) -> nn.Module:
+        layer = PyroModule[module_type](*args, bias=True, **kwargs)
+        fan_in = layer.weight[0].numel()  # in_features, or in_channels * kH * kW
+        weight_prior = dist.Normal(0.0, prior_scale / math.sqrt(fan_in))
+        layer.weight = PyroSample(weight_prior.expand(layer.weight.shape).to_event())
+        out = layer.bias.shape
+        layer.bias = PyroSample(dist.Normal(0.0, prior_scale).expand(out).to_event(1))
+        return layer
+
+    return build
+
+
+class GaussianBNN(PyroModule[nn.Sequential]):
+    """A network of any :class:`~pyro_bqn.architectures.Architecture` (an MLP, or the
+    LeNet-style CNN) whose weights and biases are ``PyroSample`` latent sites with Normal
+    priors, and no batch norm (see the module docstring).
+
+    Children are named as the architecture names them, without the batch norms: for an MLP
+    ``flatten``, ``fc1``, ``act1``, ..., ``out`` (the names of
     :class:`~pyro_bqn.baselines.MLP` without the batch norms), so the latent sites are
     ``fc1.weight``, ``fc1.bias``, ..., ``out.weight``, ``out.bias``. Priors: weights of a
     layer with fan-in ``d`` are ``N(0, (prior_scale / sqrt(d))²)``, biases ``N(0, prior_scale²)``.
 
-    :param sizes: layer widths ``(d_in, h_1, ..., d_out)``.
+    :param sizes: layer widths ``(d_in, h_1, ..., d_out)`` of an MLP, or an
+        :class:`~pyro_bqn.architectures.Architecture`.
     :param prior_scale: ``> 0``; see above.
     """
 
-    def __init__(self, sizes: Sequence[int], *, prior_scale: float = 1.0) -> None:
-        sizes = check_sizes(sizes)
+    def __init__(self, sizes: Sequence[int] | Architecture, *, prior_scale: float = 1.0) -> None:
+        architecture = sizes if isinstance(sizes, Architecture) else mlp_architecture(sizes)
         ok = isinstance(prior_scale, int | float) and math.isfinite(prior_scale)
         if not (ok and prior_scale > 0):
             raise ValueError(f"prior_scale must be a positive finite number, got {prior_scale!r}")
-        layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
-        num_layers = len(sizes) - 1
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), 1):
-            linear = PyroModule[nn.Linear](fan_in, fan_out)
-            weight_prior = dist.Normal(0.0, prior_scale / math.sqrt(fan_in))
-            linear.weight = PyroSample(weight_prior.expand([fan_out, fan_in]).to_event(2))
-            linear.bias = PyroSample(dist.Normal(0.0, prior_scale).expand([fan_out]).to_event(1))
-            if i < num_layers:
-                layers[f"fc{i}"] = linear
-                layers[f"act{i}"] = nn.ReLU()
-            else:
-                layers["out"] = linear
-        super().__init__(layers)
-        self.sizes = sizes
+        layers = TORCH_LAYERS.replace(
+            linear=_bayesian(nn.Linear, prior_scale),
+            conv=_bayesian(nn.Conv2d, prior_scale),
+            batch_norm1d=lambda channels: None,
+            batch_norm2d=lambda channels: None,
+        )
+        modules = [(n, m) for n, m in architecture.layers(layers) if m is not None]
+        super().__init__(OrderedDict(modules))
+        self.architecture = architecture
+        self.sizes = list(architecture.sizes)
         self.prior_scale = float(prior_scale)
 
     def forward(
@@ -164,7 +183,7 @@ class AutoNormalAnalyticKL(AutoNormal):
 def train_gaussian_bnn(
     x: torch.Tensor,
     y: torch.Tensor,
-    sizes: Sequence[int],
+    sizes: Sequence[int] | Architecture,
     *,
     epochs: int = 10,
     batch_size: int = 128,
@@ -196,7 +215,8 @@ def train_gaussian_bnn(
 
     :param x: inputs, shape ``(N, ...)`` with ``prod(...) == sizes[0]``.
     :param y: class labels in ``[0, sizes[-1])``, shape ``(N,)``, dtype ``torch.long``.
-    :param sizes: layer widths ``(d_in, h_1, ..., d_out)``.
+    :param sizes: layer widths ``(d_in, h_1, ..., d_out)``, or an
+        :class:`~pyro_bqn.architectures.Architecture` (e.g. the CNN).
     :param epochs: passes over the data.
     :param batch_size: minibatch size ``B``; the last minibatch may be smaller (one of a
         single example is folded into the one before, see :mod:`pyro_bqn.minibatches`).

@@ -181,3 +181,21 @@ def test_rejects_bad_arguments(kwargs, match):
         train_gaussian_bnn(x, y, [4, 3], progress=False, **kwargs)
     with pytest.raises(ValueError, match="prior_scale"):
         GaussianBNN([4, 3], prior_scale=0.0)
+
+
+def test_a_cnn_shaped_gaussian_bnn_has_latent_kernels_with_fan_in_priors():
+    from pyro_bqn.architectures import Architecture
+
+    model = GaussianBNN(Architecture("cnn", (1, 8, 8), 3, (2, 4, 5)), prior_scale=2.0)
+    names = [name for name, _ in model.named_children()]
+    assert names == [
+        "reshape", "conv1", "act_conv1", "pool1", "conv2", "act_conv2", "pool2",
+        "flatten", "fc1", "act1", "out",
+    ]  # fmt: skip
+    trace = poutine.trace(model).get_trace(torch.randn(5, 64))
+    kernel = trace.nodes["conv2.weight"]["fn"]
+    assert kernel.event_shape == (4, 2, 5, 5)
+    # fan-in of conv2: 2 channels x 5 x 5
+    assert kernel.base_dist.scale.unique().item() == pytest.approx(2.0 / math.sqrt(50))
+    assert trace.nodes["conv1.bias"]["fn"].event_shape == (2,)
+    assert trace.nodes["obs"]["fn"].batch_shape == (5,)
