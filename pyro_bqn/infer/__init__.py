@@ -6,6 +6,7 @@ from pyro_bqn.infer.fit import fit
 from pyro_bqn.infer.moment_messenger import MomentMessenger
 from pyro_bqn.infer.predict import eval_mode, predict, predict_by_sampling, predictive_distribution
 from pyro_bqn.infer.scale_latents import ScaleLatentsMessenger
+from pyro_bqn.infer.sparsity import most_probable_sparsity, zero_share
 
 __all__ = [
     "AutoQuantizedGuide",
@@ -14,7 +15,9 @@ __all__ = [
     "ScaleLatentsMessenger",
     "eval_mode",
     "fit",
+    "most_probable_sparsity",
     "predict",
     "predict_by_sampling",
     "predictive_distribution",
+    "zero_share",
 ]

@@ -14,7 +14,9 @@ from pyro.infer import ELBO, SVI
 from tqdm.auto import tqdm
 
 from pyro_bqn.checkpoint import load_checkpoint, save_checkpoint
+from pyro_bqn.infer.auto_quantized_guide import AutoQuantizedGuide
 from pyro_bqn.infer.deterministic_elbo import DeterministicELBO
+from pyro_bqn.infer.sparsity import most_probable_sparsity
 from pyro_bqn.minibatches import minibatches, num_minibatches
 
 __all__ = ["fit"]
@@ -133,8 +135,10 @@ def fit(
         ``batch_size``, ``lr``, ``final_lr_fraction``, ``kl_weight``, ``seed``, ``N``) must
         be the ones passed now.
     :return: per-epoch metrics: ``loss`` (per data point), ``seconds``, ``lr`` (the learning
-        rate at the end of the epoch) and, with :class:`DeterministicELBO`,
-        ``expected_log_likelihood`` and ``kl`` per data point.
+        rate at the end of the epoch); with :class:`DeterministicELBO`,
+        ``expected_log_likelihood`` and ``kl`` per data point; with an
+        :class:`AutoQuantizedGuide` over levels that hold 0, ``sparsity``, the share of zero
+        weights in the most probable network (:mod:`pyro_bqn.infer.sparsity`).
     :raises ValueError: before any training, naming the argument, for bad data or
         settings, or a checkpoint that does not belong to this run.
     :raises FloatingPointError: if the loss stops being finite (the last checkpoint, if
@@ -194,6 +198,9 @@ def fit(
         metrics["epoch"] = epoch + 1
         metrics["seconds"] = time.perf_counter() - start
         metrics["lr"] = _current_lr(optim, lr)
+        sparsity = most_probable_sparsity(guide) if isinstance(guide, AutoQuantizedGuide) else None
+        if sparsity is not None:
+            metrics["sparsity"] = sparsity
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if callback is not None:

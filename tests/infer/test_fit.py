@@ -31,7 +31,9 @@ def test_history_has_one_record_per_epoch(data):
     assert len(history) == 3
     assert [record["epoch"] for record in history] == [1, 2, 3]
     for record in history:
-        assert set(record) == {"loss", "expected_log_likelihood", "kl", "epoch", "seconds", "lr"}
+        assert set(record) == {
+            "loss", "expected_log_likelihood", "kl", "epoch", "seconds", "lr", "sparsity"
+        }  # fmt: skip
         assert all(math.isfinite(value) for value in record.values())
         assert record["seconds"] >= 0 and record["kl"] > 0
         # Per data point: loss = -(E[log p] - kl_weight * KL).
@@ -148,7 +150,7 @@ def test_fit_with_trace_elbo_and_a_relaxed_guide(data):
     )
     assert len(history) == 25
     for record in history:
-        assert set(record) == {"loss", "epoch", "seconds", "lr"}
+        assert set(record) == {"loss", "epoch", "seconds", "lr", "sparsity"}
         assert math.isfinite(record["loss"])
     assert not torch.equal(pyro.param(LOGITS).detach(), before)
     # Noisy single-sample losses: compare the first and last few epochs. Measured over pyro
