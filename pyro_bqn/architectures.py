@@ -114,15 +114,15 @@ class Architecture:
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
         if self.kind == "cnn":
-            if len(self.hidden) != 3:
-                raise ValueError(
-                    f"a cnn's hidden sizes are (conv1 channels, conv2 channels, dense width), "
-                    f"got {self.hidden}"
-                )
             if len(self.input_shape) != 3 or any(s % 4 for s in self.input_shape[1:]):
                 raise ValueError(
                     "a cnn needs image inputs (C, H, W) with H and W divisible by 4, got "
                     f"{self.input_shape}"
+                )
+            if len(self.hidden) != 3:
+                raise ValueError(
+                    f"a cnn's hidden sizes are (conv1 channels, conv2 channels, dense width), "
+                    f"got {self.hidden}"
                 )
 
     @property

@@ -16,12 +16,14 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pyro
 import torch
 
 from pyro_bqn import levels as qlevels
+from pyro_bqn.architectures import ARCHITECTURES, Architecture
 from pyro_bqn.atomic_files import write_text
 from pyro_bqn.data import DATASET_NAMES, Dataset, load_dataset, shifted_images
 from pyro_bqn.diagnostics import (
@@ -36,11 +38,19 @@ from pyro_bqn.diagnostics import (
     reliability_diagram,
     save_figure,
 )
+from pyro_bqn.distributions import QuantizedCategorical
 from pyro_bqn.export import export_network
-from pyro_bqn.infer import AutoQuantizedGuide, fit, predict, predict_by_sampling
+from pyro_bqn.infer import (
+    AutoQuantizedGuide,
+    fit,
+    most_probable_sparsity,
+    predict,
+    predict_by_sampling,
+)
 from pyro_bqn.levels import LevelSet
-from pyro_bqn.models import ACTIVATIONS, QuantizedMLP
+from pyro_bqn.models import ACTIVATIONS, QuantizedClassifier
 from pyro_bqn.output_folder import OutputFolder
+from pyro_bqn.results import METRIC_COLUMNS, markdown_table, metrics_row
 
 __all__ = ["main", "parse_levels", "parse_hidden"]
 
@@ -48,6 +58,8 @@ __all__ = ["main", "parse_levels", "parse_hidden"]
 MAX_BITS = 8
 #: Seeds seed Python's, NumPy's and torch's generators; NumPy's take 32 bits.
 MAX_SEED = 2**32 - 1
+#: ``--hidden`` when none is given, per ``--arch``.
+DEFAULT_HIDDEN = {"mlp": "512,256", "cnn": "20,50,500"}
 #: ``bench`` reports a spread over seeds, so it needs a few.
 MIN_BENCH_SEEDS = 3
 #: Above this learning rate Adam's steps on the posterior logits overflow (1e30 gave NaN).
@@ -127,24 +139,35 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"one of {', '.join(DATASET_NAMES)}, or <kind>:<dir> for IDX files "
         "(kind: mnist, fashion-mnist, kmnist)",
     )
-    parser.add_argument("--hidden", default="512,256", help="hidden widths (default 512,256)")
+    parser.add_argument(
+        "--arch",
+        choices=ARCHITECTURES,
+        default="mlp",
+        help="mlp, or cnn (LeNet-style: two 5x5 convolutions with max pooling, a dense "
+        "layer; needs image data)",
+    )
+    parser.add_argument(
+        "--hidden",
+        help=f"hidden sizes: mlp widths (default {DEFAULT_HIDDEN['mlp']}), cnn conv1 "
+        f"channels, conv2 channels, dense width (default {DEFAULT_HIDDEN['cnn']}, LeNet-5)",
+    )
     parser.add_argument(
         "--levels", default="ternary", help="binary, ternary, <n>bit or comma-separated values"
     )
     parser.add_argument("--epochs", type=_positive_int(), default=12)
     parser.add_argument("--batch-size", type=_positive_int(10**8), default=100)
     parser.add_argument(
-        "--lr",
-        type=_number(float, 0, MAX_LR, low_open=True),
-        default=0.1,
-        help=f"learning rate of the posterior logits, in (0, {MAX_LR:g}] (default 0.1)",
-    )
-    parser.add_argument(
         "--kl-weight",
         type=_number(float, 0, 1e6),
         default=1e-3,
         help="beta in -ELL + beta*KL; 1 is the true ELBO, smaller values "
         "temper the posterior (default 1e-3, see the docs)",
+    )
+    parser.add_argument(
+        "--prior-zero",
+        type=_number(float, 0, 1, low_open=True),
+        help="prior probability of the weight level 0 (the others share the rest equally; "
+        "the levels must hold 0); default a uniform prior",
     )
     parser.add_argument("--output", type=Path, required=True, help="directory for the results")
     parser.add_argument(
@@ -161,6 +184,12 @@ def _build_parser() -> argparse.ArgumentParser:
     fit_parser = commands.add_parser("fit", help="train one sampling-free BQN and report")
     _add_training_arguments(fit_parser)
     fit_parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="sign")
+    fit_parser.add_argument(
+        "--lr",
+        type=_number(float, 0, MAX_LR, low_open=True),
+        default=0.1,
+        help=f"learning rate of the posterior logits, in (0, {MAX_LR:g}] (default 0.1)",
+    )
     fit_parser.add_argument("--seed", type=_number(int, 0, MAX_SEED), default=0)
     fit_parser.add_argument(
         "--num-bins", type=_positive_int(1000), default=15, help="calibration bins (default 15)"
@@ -183,6 +212,18 @@ def _build_parser() -> argparse.ArgumentParser:
         "--methods", default="all", help="comma-separated subset of the methods, or all"
     )
     bench_parser.add_argument("--mc-particles", type=_positive_int(1000), default=5)
+    bench_parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose each method's settings from its grid on a validation split of the "
+        "training data (seed 0) before the runs, instead of the recorded settings",
+    )
+    bench_parser.add_argument(
+        "--val-fraction",
+        type=_number(float, 0, 0.5, low_open=True),
+        default=0.2,
+        help="share of the training data held out for --tune (default 0.2)",
+    )
     return parser
 
 
@@ -193,17 +234,17 @@ _TRAINING_BYTES_PER_LOGIT = 6 * 4
 _NOT_RECORDED = {"command", "output", "overwrite", "resume", "no_progress"}
 
 
-def _load(name: str) -> Dataset:
+def _load(name: str, **kwargs: float) -> Dataset:
     try:
-        return load_dataset(name)
+        return load_dataset(name, **kwargs)
     except (ValueError, FileNotFoundError, ImportError) as error:
         raise UsageError(f"--dataset {name!r}: {error}") from None
 
 
-def _check_memory(sizes: tuple[int, ...], levels: LevelSet) -> None:
+def _check_memory(architecture: Architecture, levels: LevelSet, hidden: str) -> None:
     """Refuse a network whose posterior would not fit in this machine's memory, before an
     allocation fails half way through."""
-    weights = sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
+    weights = architecture.num_weights
     need = weights * levels.num_levels * _TRAINING_BYTES_PER_LOGIT
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -211,16 +252,37 @@ def _check_memory(sizes: tuple[int, ...], levels: LevelSet) -> None:
         return
     if need > have:
         raise UsageError(
-            f"--hidden {','.join(map(str, sizes[1:-1]))} with {levels.num_levels} levels: "
-            f"{weights} weights need about {need / 2**30:.1f} GiB to train, more than this "
-            f"machine's {have / 2**30:.1f} GiB"
+            f"--hidden {hidden!r} with {levels.num_levels} levels: {weights} weights need "
+            f"about {need / 2**30:.1f} GiB to train, more than this machine's "
+            f"{have / 2**30:.1f} GiB"
         )
 
 
-def _network_sizes(args: argparse.Namespace, data: Dataset, levels: LevelSet) -> tuple:
-    sizes = (data.num_features, *parse_hidden(args.hidden), data.num_classes)
-    _check_memory(sizes, levels)
-    return sizes
+def _architecture(args: argparse.Namespace, data: Dataset, levels: LevelSet) -> Architecture:
+    hidden = args.hidden or DEFAULT_HIDDEN[args.arch]
+    widths = parse_hidden(hidden)
+    shape = data.input_shape if args.arch == "cnn" else (data.num_features,)
+    try:
+        architecture = Architecture(args.arch, tuple(shape), data.num_classes, widths)
+    except ValueError as error:
+        raise UsageError(f"--arch {args.arch} --hidden {hidden!r}: {error}") from None
+    _check_memory(architecture, levels, hidden)
+    return architecture
+
+
+def _prior(levels: LevelSet, prior_zero: float | None) -> QuantizedCategorical | None:
+    """The weight prior of ``--prior-zero``: mass ``P`` on level 0, ``(1 - P) / (K - 1)`` on
+    each other level."""
+    if prior_zero is None:
+        return None
+    zero = (levels.values == 0).nonzero()
+    if zero.numel() == 0:
+        raise UsageError(f"--prior-zero needs levels that hold 0, got {levels.values.tolist()}")
+    if prior_zero == 1:
+        raise UsageError("--prior-zero must be below 1 (1 would forbid every other level)")
+    probs = torch.full_like(levels.values, (1 - prior_zero) / (levels.num_levels - 1))
+    probs[zero[0, 0]] = prior_zero
+    return QuantizedCategorical(levels, probs=probs)
 
 
 def _record_arguments(args: argparse.Namespace, output: OutputFolder) -> None:
@@ -247,14 +309,15 @@ def _record_arguments(args: argparse.Namespace, output: OutputFolder) -> None:
 def _fit(args: argparse.Namespace) -> dict:
     levels = parse_levels(args.levels)
     data = _load(args.dataset)
-    sizes = _network_sizes(args, data, levels)
+    architecture = _architecture(args, data, levels)
+    prior = _prior(levels, args.prior_zero)
     output = OutputFolder(args.output, overwrite=args.overwrite, resume=args.resume)
     output.prepare()
     _record_arguments(args, output)
     checkpoint = output.staging / "checkpoint.pt"
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    model = QuantizedMLP(sizes, levels=levels, activation=args.activation)
+    model = QuantizedClassifier(architecture, levels, args.activation, prior)
     guide = AutoQuantizedGuide(model)
     recorder = PosteriorSummaryRecorder(guide)
     history = fit(
@@ -276,8 +339,11 @@ def _fit(args: argparse.Namespace) -> dict:
     save_figure(recorder.plot(), output.staging / "posterior_history.png")
     results = {
         "dataset": args.dataset,
-        "sizes": list(sizes),
+        "architecture": architecture.kind,
+        "hidden": list(architecture.hidden),
+        "sizes": list(architecture.sizes),
         "levels": levels.values.tolist(),
+        "prior_zero": args.prior_zero,
         "activation": args.activation,
         "kl_weight": args.kl_weight,
         "seed": args.seed,
@@ -309,6 +375,7 @@ def _evaluate_fit(args, model, guide, data: Dataset, results: dict, folder: Path
     results["most_probable_network"] = {
         **calibration_report(network.run(model, data.x_test), data.y_test, num_bins=args.num_bins),
         "size_bytes": network.size_bytes(),
+        "sparsity": most_probable_sparsity(guide),
         "file": "network.pt",
     }
     _write_fit(folder, results, probs, data, guide, args.num_bins)
@@ -348,21 +415,26 @@ def _write_fit(output: Path, results: dict, probs, data: Dataset, guide, num_bin
         reliability_diagram(probs, data.y_test, num_bins=num_bins), output / "reliability.png"
     )
     save_figure(plot_posterior_summary(posterior_summary(guide)), output / "posterior_summary.png")
-    test = results["test"]
+    network = results["most_probable_network"]
+    rows = [metrics_row("analytic (sampling-free)", results["test"])]
+    if "test_sampled_networks" in results:
+        rows.append(metrics_row("sampled networks", results["test_sampled_networks"]))
+    rows.append(metrics_row("most probable network", network))
+    shape = "-".join(map(str, results["sizes"]))
+    if results["architecture"] == "cnn":
+        shape = f"CNN {results['hidden']}"
     lines = [
         f"# pyro-bqn fit: {results['dataset']}",
         "",
-        f"Network {'-'.join(map(str, results['sizes']))}, levels {results['levels']}, "
+        f"Network {shape}, levels {results['levels']}, "
         f"{results['activation']} activations, KL weight {results['kl_weight']}, "
         f"seed {results['seed']}, {results['train_seconds']:.1f} s of training.",
         "",
-        "| predictive | test error | NLL | ECE | MCE | Brier |",
-        "|---|---|---|---|---|---|",
-        _row("analytic (sampling-free)", test),
+        markdown_table(["predictive", *METRIC_COLUMNS.values()], rows),
     ]
-    lines.append(_row("most probable network", results["most_probable_network"]))
+    if network.get("sparsity") is not None:
+        lines.append(f"Sparsity of the most probable network: {network['sparsity']:.3f}.")
     if "test_sampled_networks" in results:
-        lines.insert(-1, _row("sampled networks", results["test_sampled_networks"]))
         lines += [
             "",
             "Mean absolute difference between the analytic and sampled predictive "
@@ -390,12 +462,6 @@ def _write_fit(output: Path, results: dict, probs, data: Dataset, guide, num_bin
     write_text(output / "summary.md", "\n".join(lines) + "\n")
 
 
-def _row(name: str, report: dict) -> str:
-    return (
-        f"| {name} | {report['error']:.4f} | {report['nll']:.4f} | {report['ece']:.4f} "
-        f"| {report['mce']:.4f} | {report['brier']:.4f} |"
-    )
-
 
 def _distinct(text: str, option: str, parse: Callable[[str], object]) -> list:
     """Comma-separated values of ``option``, each read with ``parse``, none repeated."""
@@ -417,7 +483,7 @@ def _seed(text: str) -> int:
 
 
 def _bench(args: argparse.Namespace) -> list[dict]:
-    from pyro_bqn.bench import METHODS, BenchConfig, run_method, write_report
+    from pyro_bqn.bench import METHODS, BenchConfig, run_method, tune, write_report
 
     seeds = _distinct(args.seeds, "--seeds", _seed)
     if len(seeds) < MIN_BENCH_SEEDS:
@@ -432,23 +498,31 @@ def _bench(args: argparse.Namespace) -> list[dict]:
     levels = parse_levels(args.levels)
     data = _load(args.dataset)
     config = BenchConfig(
-        sizes=_network_sizes(args, data, levels),
+        architecture=_architecture(args, data, levels),
         levels=levels,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=args.lr,
         kl_weight=args.kl_weight,
         mc_particles=args.mc_particles,
+        prior=_prior(levels, args.prior_zero),
         progress=not args.no_progress,
     )
+    tuning_data = _load(args.dataset, val_fraction=args.val_fraction) if args.tune else None
     output = OutputFolder(args.output, overwrite=args.overwrite)
     output.prepare()
+    tuning = {}
+    if tuning_data is not None:
+        chosen = {}
+        for method in methods:
+            print(f"[bench] tuning {method} on the validation split", file=sys.stderr, flush=True)
+            chosen[method], tuning[method] = tune(method, config, tuning_data)
+        config = replace(config, settings=chosen)
     runs = []
     for seed in seeds:
         for method in methods:
             print(f"[bench] {method} seed {seed}", file=sys.stderr, flush=True)
             runs.append(run_method(method, config, data, seed))
-    rows = write_report(runs, output.staging, config, args.dataset)
+    rows = write_report(runs, output.staging, config, args.dataset, tuning)
     output.commit()
     print((args.output / "bench.md").read_text())
     return rows

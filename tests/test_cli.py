@@ -64,6 +64,9 @@ def _error(argv, capsys) -> str:
         ("--num-bins", "100000000000", "must be in"),
         ("--mc-samples", "-3", "must be in"),
         ("--epochs", "1.5", "expected int"),
+        ("--arch", "cnn", "needs image inputs"),  # breast-cancer is a table
+        ("--prior-zero", "1", "must be below 1"),
+        ("--prior-zero", "0", "must be in"),
     ],
 )
 def test_a_bad_argument_is_one_line_before_any_work(
@@ -72,6 +75,15 @@ def test_a_bad_argument_is_one_line_before_any_work(
     message = _error(["fit", *TINY, option, value, "--output", str(tmp_path / "run")], capsys)
     assert expected in message
     assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
+
+
+def test_a_zero_prior_needs_a_zero_level_and_a_cnn_three_hidden_sizes(
+    tmp_path, capsys, no_training
+):
+    binary = ["fit", *TINY, "--levels", "binary", "--prior-zero", "0.5"]
+    assert "levels that hold 0" in _error([*binary, "--output", str(tmp_path / "a")], capsys)
+    cnn = ["fit", *TINY[2:], "--dataset", "digits", "--arch", "cnn", "--hidden", "4,4"]
+    assert "(conv1 channels" in _error([*cnn, "--output", str(tmp_path / "b")], capsys)
 
 
 def test_output_that_is_a_file_or_holds_results_is_refused(tmp_path, capsys, no_training):
@@ -205,3 +217,15 @@ def test_an_interrupted_fit_resumes_to_the_same_parameters_and_metrics(tmp_path,
         assert [h[key] for h in resumed["history"]] == [h[key] for h in whole["history"]]
     assert resumed["test"] == whole["test"]
     assert resumed["most_probable_network"] == whole["most_probable_network"]
+
+
+def test_fit_trains_a_cnn_with_a_zero_favouring_prior_and_reports_its_sparsity(tmp_path):
+    argv = ["fit", *TINY[2:], "--dataset", "digits", "--arch", "cnn", "--hidden", "2,4,8"]
+    cli.main([*argv, "--epochs", "1", "--prior-zero", "0.9", "--output", str(tmp_path / "c")])
+    metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert metrics["architecture"] == "cnn" and metrics["prior_zero"] == 0.9
+    sparsity = metrics["most_probable_network"]["sparsity"]
+    assert 0 <= sparsity <= 1 and metrics["history"][-1]["sparsity"] == sparsity
+    assert f"Sparsity of the most probable network: {sparsity:.3f}" in (
+        tmp_path / "c" / "summary.md"
+    ).read_text()
