@@ -132,3 +132,107 @@ def test_learnable_min_gap_is_checked():
         levels.learnable([-1.0, -0.9995, 1.0])
     with pytest.raises(ValueError, match=r"more than min_gap \* max\(1, \|v_k\|\) apart"):
         levels.learnable([100.0, 100.05])  # 0.05 < 1e-3 * 100
+
+
+# --- per-layer copies ---------------------------------------------------------------------
+
+
+def test_copy_of_a_fixed_level_set_is_an_equal_independent_set():
+    original = levels.from_values([-0.7, 0.1, 1.3]).double()
+    copy = original.copy()
+    assert type(copy) is LevelSet and copy is not original
+    assert copy.values.dtype == torch.float64
+    assert torch.equal(copy.values, original.values)
+    assert copy._values.data_ptr() != original._values.data_ptr()
+
+
+def test_copy_of_a_learnable_set_has_its_own_parameters_at_the_current_levels():
+    original = levels.learnable([-1.0, -0.2, 0.4, 1.2], min_gap=1e-2)
+    with torch.no_grad():
+        original.first.fill_(-1.5)
+        original.raw_gaps.add_(0.3)
+    copy = original.copy()
+    assert isinstance(copy, LearnableLevels) and copy.learnable
+    assert copy.min_gap == 1e-2
+    assert torch.equal(copy.values, original.values)
+    assert copy.first is not original.first and copy.raw_gaps is not original.raw_gaps
+    with torch.no_grad():
+        copy.first.fill_(0.0)
+    assert original.first.item() == -1.5
+    assert not levels.ternary().learnable
+
+
+# --- from_spec ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected, learn",
+    [
+        ("binary", [-1.0, 1.0], False),
+        (" Ternary ", [-1.0, 0.0, 1.0], False),
+        ("2bit", [-1.0, -1 / 3, 1 / 3, 1.0], False),
+        ("-0.7,0.1,1.3", [-0.7, 0.1, 1.3], False),
+        ("learnable:-1,-0.2,0.4,1.2", [-1.0, -0.2, 0.4, 1.2], True),
+        ("learnable: 2bit", [-1.0, -1 / 3, 1 / 3, 1.0], True),
+        ("learnable:ternary", [-1.0, 0.0, 1.0], True),
+    ],
+)
+def test_from_spec_reads_named_uniform_and_listed_levels(text, expected, learn):
+    level_set = levels.from_spec(text)
+    assert level_set.learnable is learn
+    assert isinstance(level_set, LearnableLevels) is learn
+    torch.testing.assert_close(level_set.values.detach(), torch.tensor(expected))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("quaternary", "binary, ternary, <n>bit or comma-separated numbers"),
+        ("learnable:", "binary, ternary, <n>bit or comma-separated numbers"),
+        ("0bit", r"1 <= n <= 8"),
+        ("9bit", r"1 <= n <= 8"),
+        ("1,0", "sorted in increasing order"),
+        ("learnable:0,0.0001", "more than min_gap"),
+        (",".join(str(v) for v in range(300)), "at most 256 values"),
+    ],
+)
+def test_from_spec_refuses_other_text(text, message):
+    with pytest.raises(ValueError, match=message):
+        levels.from_spec(text)
+
+
+# --- learnable thresholds -----------------------------------------------------------------
+
+
+def test_learnable_thresholds_start_at_init_and_get_gradients():
+    thresholds = levels.LearnableThresholds([-0.5, 0.2, 0.9])
+    assert {name for name, _ in thresholds.named_parameters()} == {"first", "raw_gaps"}
+    torch.testing.assert_close(thresholds.values.detach(), torch.tensor([-0.5, 0.2, 0.9]))
+    (thresholds.values * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert (thresholds.raw_gaps.grad > 0).all() and thresholds.first.grad.item() == 6.0
+    single = levels.LearnableThresholds([0.3])
+    assert single.values.shape == (1,) and single.raw_gaps.shape == (0,)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    first=st.floats(-1e30, 1e30),
+    raw_gaps=st.lists(st.floats(-1e30, 1e30), min_size=1, max_size=5),
+)
+def test_learnable_thresholds_stay_strictly_increasing(first, raw_gaps):
+    thresholds = levels.LearnableThresholds(torch.linspace(-1.0, 1.0, len(raw_gaps) + 1))
+    with torch.no_grad():
+        thresholds.first.fill_(first)
+        thresholds.raw_gaps.copy_(torch.tensor(raw_gaps))
+    values = thresholds.values
+    assert torch.isfinite(values).all() and (values.diff() > 0).all()
+
+
+@pytest.mark.parametrize(
+    "init, message",
+    [([], "n >= 1"), ([[0.0]], "n >= 1"), ([0.0, math.nan], "finite"),
+     ([0.5, 0.5], "strictly increasing"), ([0.0, 1e-4], "more than min_gap")],
+)
+def test_learnable_thresholds_refuse_bad_init(init, message):
+    with pytest.raises(ValueError, match=message):
+        levels.LearnableThresholds(init)
