@@ -1,4 +1,6 @@
-"""The multiple spike-and-slab prior of Bayesian asymmetric M-ary quantization."""
+"""The multiple spike-and-slab distribution of Bayesian asymmetric M-ary quantization: the
+prior (a spike at each level and a zero-centred slab) and, with a slab of its own location,
+the spike-and-slab posterior of :class:`~pyro_bqn.AutoQuantizedGuide`."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pyro.distributions.util import broadcast_shape
 from pyro_bqn.distributions.quantized_categorical import resolve_levels
 from pyro_bqn.distributions.relaxed_value import soft_onehot_of
 from pyro_bqn.levels import LevelSet
+from pyro_bqn.moments import Moments
 
 __all__ = ["MultipleSpikeAndSlab"]
 
@@ -24,36 +27,57 @@ def _normal_log_prob(
 
 
 class MultipleSpikeAndSlab(TorchDistribution):
-    r"""A mixture of spikes at the levels and a zero-centred Gaussian slab:
+    r"""A mixture of spikes at the levels and a Gaussian slab:
 
-        ``p(w) = sum_k pi_k spike_k(w) + pi_0 N(w; 0, slab_scale^2)``,
+        ``p(w) = sum_k pi_k spike_k(w) + pi_0 N(w; slab_loc, slab_scale^2)``,
 
     where ``spike_k`` is a point mass ``delta(w - v_k)`` when ``spike_scale = 0`` and a
     narrow Gaussian ``N(w; v_k, spike_scale^2)`` when ``spike_scale > 0``. The weights
     ``pi_1..pi_K`` (``spike_probs``) and ``pi_0`` (``slab_prob``) must sum to one.
 
+    As a **prior** (``slab_loc = 0``) it is the multiple spike-and-slab prior of Bayesian
+    asymmetric M-ary quantization (Chien & Chang, "Bayesian asymmetric quantized neural
+    networks", *Pattern Recognition* 139, 2023): one spike per level plus a broad slab. As a
+    **posterior** (one per weight, built by :meth:`from_logits`) a weight sits on a level
+    or, with probability ``pi_0``, keeps a full-precision value ``~ N(slab_loc, slab_scale^2)``
+    (an outlier). Its mean and variance are analytic (:meth:`moments`), so it runs in the
+    sampling-free :class:`~pyro_bqn.DeterministicELBO`; the KL to a spike-and-slab prior is
+    registered in :mod:`pyro_bqn.distributions.kl`.
+
     With point-mass spikes the distribution is mixed discrete/continuous, and
     :meth:`log_prob` is its density with respect to counting measure on the levels plus
-    Lebesgue measure: ``log pi_k`` at ``w = v_k`` and ``log pi_0 + log N(w; 0, slab_scale^2)``
-    anywhere else (the slab gives no mass to a single point). With Gaussian spikes it is the
-    ordinary Lebesgue density of the mixture.
+    Lebesgue measure: ``log pi_k`` at ``w = v_k`` and
+    ``log pi_0 + log N(w; slab_loc, slab_scale^2)`` anywhere else (the slab gives no mass to
+    a single point). With Gaussian spikes it is the ordinary Lebesgue density of the mixture.
 
     A value that carries a one-hot ``y`` over the levels (a sample of a relaxed or
     straight-through guide, see :class:`~pyro_bqn.distributions.RelaxedLevelValue`) is a
     weight on the levels and gets ``sum_k y_k log pi_k``, for either spike kind: the
     zero-width limit of the spikes, as used by the registered KL divergence.
 
+    Usage::
+
+        >>> import torch
+        >>> from pyro_bqn import levels
+        >>> from pyro_bqn.distributions import MultipleSpikeAndSlab
+        >>> prior = MultipleSpikeAndSlab.with_uniform_spikes(levels.ternary(), 0.1, 1.0)
+        >>> prior.log_prob(torch.tensor(0.0)).exp()  # (1 - 0.1) / 3
+        tensor(0.3000)
+
     :param levels: a :class:`~pyro_bqn.levels.LevelSet` or a strictly increasing ``(K,)``
-        tensor; a learnable level set is read once, at construction.
+        tensor; a learnable level set is read once, at construction (layers build their
+        priors anew at every call, see :mod:`pyro_bqn.priors`).
     :param spike_probs: spike weights ``pi_1..pi_K``, shape ``batch_shape + (K,)``.
     :param slab_prob: slab weight ``pi_0``, broadcastable to ``batch_shape``.
     :param slab_scale: standard deviation of the slab, positive, broadcastable to
         ``batch_shape``.
     :param spike_scale: standard deviation of the spikes, broadcastable to ``batch_shape``;
         zero everywhere (point masses, the default) or positive everywhere.
+    :param slab_loc: (keyword) the slab's location, broadcastable to ``batch_shape``;
+        default ``0``.
 
     ``batch_shape`` is the broadcast of ``spike_probs.shape[:-1]`` and the other parameters'
-    shapes; ``event_shape = ()``.
+    shapes; ``event_shape = ()``. The weights are checked unless ``validate_args=False``.
     """
 
     arg_constraints = {
@@ -61,6 +85,7 @@ class MultipleSpikeAndSlab(TorchDistribution):
         "slab_prob": constraints.unit_interval,
         "slab_scale": constraints.positive,
         "spike_scale": constraints.nonnegative,
+        "slab_loc": constraints.real,
     }
     support = constraints.real
 
@@ -72,6 +97,9 @@ class MultipleSpikeAndSlab(TorchDistribution):
         slab_scale: float | torch.Tensor,
         spike_scale: float | torch.Tensor = 0.0,
         validate_args: bool | None = None,
+        *,
+        slab_loc: float | torch.Tensor = 0.0,
+        _log_weights: torch.Tensor | None = None,
     ) -> None:
         self.levels, self.level_set = resolve_levels(levels)
         num_levels = self.levels.shape[0]
@@ -80,6 +108,7 @@ class MultipleSpikeAndSlab(TorchDistribution):
         slab_prob = torch.as_tensor(slab_prob, **like)
         slab_scale = torch.as_tensor(slab_scale, **like)
         spike_scale = torch.as_tensor(spike_scale, **like)
+        slab_loc = torch.as_tensor(slab_loc, **like)
         if spike_probs.dim() < 1 or spike_probs.shape[-1] != num_levels:
             raise ValueError(
                 f"spike_probs must have last dimension K={num_levels} (one weight per level), "
@@ -96,16 +125,48 @@ class MultipleSpikeAndSlab(TorchDistribution):
                 "spike_scale must be zero everywhere (point-mass spikes) or positive "
                 f"everywhere (Gaussian spikes), got {spike_scale.tolist()}"
             )
-        _check_weights(spike_probs, slab_prob)
+        if _log_weights is None and validate_args is not False:
+            _check_weights(spike_probs, slab_prob)
         batch_shape = torch.Size(
             broadcast_shape(spike_probs.shape[:-1], slab_prob.shape, slab_scale.shape,
-                            spike_scale.shape)
+                            spike_scale.shape, slab_loc.shape)
         )
         self.spike_probs = spike_probs.expand(batch_shape + (num_levels,))
         self.slab_prob = slab_prob.expand(batch_shape)
         self.slab_scale = slab_scale.expand(batch_shape)
         self.spike_scale = spike_scale.expand(batch_shape)
+        self.slab_loc = slab_loc.expand(batch_shape)
+        self._log_weights = (
+            None if _log_weights is None else _log_weights.expand(batch_shape + (num_levels + 1,))
+        )
         super().__init__(batch_shape, validate_args=validate_args)
+
+    @classmethod
+    def from_logits(
+        cls,
+        levels: LevelSet | torch.Tensor,
+        logits: torch.Tensor,
+        slab_loc: float | torch.Tensor,
+        slab_scale: float | torch.Tensor,
+        spike_scale: float | torch.Tensor = 0.0,
+        validate_args: bool | None = None,
+    ) -> MultipleSpikeAndSlab:
+        """The distribution with weights ``softmax(logits)``: ``logits`` of shape
+        ``batch_shape + (K + 1,)``, the spikes' first and the slab's last (a posterior's
+        parametrisation: any real logits are valid, and :meth:`log_weights` keeps the
+        precision of ``log_softmax``)."""
+        log_weights = torch.log_softmax(logits, dim=-1)
+        weights = log_weights.exp()
+        return cls(
+            levels,
+            weights[..., :-1],
+            weights[..., -1],
+            slab_scale,
+            spike_scale,
+            validate_args,
+            slab_loc=slab_loc,
+            _log_weights=log_weights,
+        )
 
     @classmethod
     def with_uniform_spikes(
@@ -132,6 +193,14 @@ class MultipleSpikeAndSlab(TorchDistribution):
     def num_levels(self) -> int:
         return self.levels.shape[0]
 
+    @property
+    def log_weights(self) -> torch.Tensor:
+        """``log (pi_1, ..., pi_K, pi_0)``, shape ``batch_shape + (K + 1,)`` (``-inf`` where a
+        weight is zero)."""
+        if self._log_weights is not None:
+            return self._log_weights
+        return torch.cat([self.spike_probs, self.slab_prob.unsqueeze(-1)], dim=-1).log()
+
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(MultipleSpikeAndSlab, _instance)
         batch_shape = torch.Size(batch_shape)
@@ -141,6 +210,9 @@ class MultipleSpikeAndSlab(TorchDistribution):
         new.slab_prob = self.slab_prob.expand(batch_shape)
         new.slab_scale = self.slab_scale.expand(batch_shape)
         new.spike_scale = self.spike_scale.expand(batch_shape)
+        new.slab_loc = self.slab_loc.expand(batch_shape)
+        # Taken before expanding, so that an expanded prior keeps one (K + 1,) row of them.
+        new._log_weights = self.log_weights.expand(batch_shape + (self.num_levels + 1,))
         super(MultipleSpikeAndSlab, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -153,7 +225,7 @@ class MultipleSpikeAndSlab(TorchDistribution):
             return torch.xlogy(soft, self.spike_probs).sum(-1)
         if self._validate_args:
             self._validate_sample(value)
-        slab = self.slab_prob.log() + _normal_log_prob(value, 0.0, self.slab_scale)
+        slab = self.slab_prob.log() + _normal_log_prob(value, self.slab_loc, self.slab_scale)
         if self.point_mass:
             matches = value.unsqueeze(-1) == self.levels
             index = matches.long().argmax(-1, keepdim=True)
@@ -171,8 +243,8 @@ class MultipleSpikeAndSlab(TorchDistribution):
             # Component K (the last) is the slab; components 0..K-1 are the spikes.
             weights = torch.cat([self.spike_probs, self.slab_prob.unsqueeze(-1)], dim=-1)
             component = Categorical(probs=weights, validate_args=False).sample(sample_shape)
-            zero = self.slab_scale.new_zeros(self.batch_shape + (1,))
-            locs = torch.cat([self.levels.expand(self.batch_shape + (-1,)), zero], dim=-1)
+            slab_loc = self.slab_loc.unsqueeze(-1)
+            locs = torch.cat([self.levels.expand(self.batch_shape + (-1,)), slab_loc], dim=-1)
             scales = torch.cat(
                 [self.spike_scale.unsqueeze(-1).expand(self.batch_shape + (self.num_levels,)),
                  self.slab_scale.unsqueeze(-1)],
@@ -186,17 +258,42 @@ class MultipleSpikeAndSlab(TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
-        """``E[w] = sum_k pi_k v_k`` (the slab is centred), shape ``batch_shape``."""
-        return self.spike_probs @ self.levels
+        """``E[w] = sum_k pi_k v_k + pi_0 slab_loc``, shape ``batch_shape``."""
+        return self.spike_probs @ self.levels + self.slab_prob * self.slab_loc
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """``E[w^2] = sum_k pi_k (v_k^2 + s^2) + pi_0 (slab_loc^2 + slab_scale^2)`` with
+        ``s = spike_scale``, shape ``batch_shape``."""
+        spikes = self.spike_probs @ self.levels.square() + self.spike_probs.sum(-1) * (
+            self.spike_scale.square()
+        )
+        return spikes + self.slab_prob * (self.slab_loc.square() + self.slab_scale.square())
 
     @property
     def variance(self) -> torch.Tensor:
-        """``sum_k pi_k ((v_k - m)^2 + s^2) + pi_0 (m^2 + slab_scale^2)`` with ``m = E[w]``
-        and ``s = spike_scale``: the centred form, never negative; shape ``batch_shape``."""
+        """``sum_k pi_k ((v_k - m)^2 + s^2) + pi_0 ((slab_loc - m)^2 + slab_scale^2)`` with
+        ``m = E[w]`` and ``s = spike_scale``: the centred form, never negative; shape
+        ``batch_shape``."""
         mean = self.mean
         centred = (self.levels - mean.unsqueeze(-1)).square() + self.spike_scale.unsqueeze(-1) ** 2
         spikes = (self.spike_probs * centred).sum(-1)
-        return spikes + self.slab_prob * (mean.square() + self.slab_scale.square())
+        slab = (self.slab_loc - mean).square() + self.slab_scale.square()
+        return spikes + self.slab_prob * slab
+
+    def moments(self) -> Moments:
+        """``E[w]``, ``Var[w]`` and ``E[w^2]``, shape ``batch_shape`` each: what
+        :class:`~pyro_bqn.infer.MomentMessenger` propagates through a layer."""
+        return Moments(self.mean, self.variance, self.second_moment)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        """The location of the heaviest component, shape ``batch_shape``: the level ``v_k``
+        with the largest spike weight, or ``slab_loc`` where the slab weighs more than every
+        spike. For a posterior, the most probable network's weights (levels, and the
+        full-precision outliers)."""
+        spike_weight, index = self.spike_probs.max(-1)
+        return torch.where(self.slab_prob > spike_weight, self.slab_loc, self.levels[index])
 
 
 def _check_weights(spike_probs: torch.Tensor, slab_prob: torch.Tensor) -> None:
