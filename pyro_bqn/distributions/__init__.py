@@ -1,6 +1,7 @@
 """Distributions over quantization levels, the spike-and-slab prior and moment-aware likelihoods."""
 
 from pyro_bqn.distributions import kl  # noqa: F401  (registers the KL divergences)
+from pyro_bqn.distributions.kl import InertPriorWarning
 from pyro_bqn.distributions.moment_likelihoods import (
     MomentBernoulli,
     MomentCategorical,
@@ -15,6 +16,7 @@ from pyro_bqn.distributions.relaxed_quantized_categorical import (
 from pyro_bqn.distributions.relaxed_value import RelaxedLevelValue
 
 __all__ = [
+    "InertPriorWarning",
     "LevelSupport",
     "MomentBernoulli",
     "MomentCategorical",

@@ -5,11 +5,35 @@ Both return a tensor of shape ``broadcast(q.batch_shape, p.batch_shape)`` (the g
 shape, as Pyro expects). Because the distributions define ``expand``, a ``pyro.plate`` keeps
 their type and the registrations below apply; ``.to_event(n)`` on both sides goes through
 Pyro's ``Independent``/``Independent`` registration, which sums these over the event dims.
+
+**Against a multiple spike-and-slab prior** ``p = sum_k pi_k N(v_k, sigma^2) + pi_0
+N(0, sigma_0^2)`` (``sigma = 0``: point masses):
+
+* a categorical posterior on the levels gets ``sum_k q_k log(q_k / pi_k)``, the zero-width
+  limit of the spikes. The slab's scale and the spikes' width do not enter it (nor does the
+  slab's weight, beyond a constant, when the spikes share ``1 - pi_0`` equally); an
+  :class:`InertPriorWarning` says so, once per process.
+* a spike-and-slab posterior ``q = sum_k q_k N(v_k, tau^2) + q_0 N(m, s^2)`` on the same
+  levels gets
+
+  ``sum_c q_c log(q_c / pi_c) + (1 - q_0) KL(N(0, tau^2) || N(0, sigma^2))
+  + q_0 KL(N(m, s^2) || N(0, sigma_0^2))``,
+
+  the KL of the joint distributions of (component, weight). It is exact for point-mass
+  spikes (``tau = sigma = 0``, densities as in :class:`MultipleSpikeAndSlab`) and an upper
+  bound on the KL otherwise, above it by ``E_q[KL(q(c | w) || p(c | w))]``, the divergence
+  of the two mixtures' component responsibilities. It comes from the posterior's slab mass
+  that falls within a few spike widths of a level, so it shrinks in proportion to the spike
+  width: on the levels ``(-1, -0.2, 0.4, 1.2)`` with slabs of scale 0.2 to 0.5 it was at
+  most 0.24 nats per weight at spike width 0.02, 0.07 at 0.005 and 0.03 at 0.002 (Monte
+  Carlo, ``tests/distributions/test_kl.py``). The bound keeps the ELBO a lower bound on the
+  evidence.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch.distributions import register_kl
@@ -17,7 +41,15 @@ from torch.distributions import register_kl
 from pyro_bqn.distributions.multiple_spike_and_slab import MultipleSpikeAndSlab
 from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical
 
-__all__: list[str] = []
+__all__ = ["InertPriorWarning"]
+
+
+class InertPriorWarning(UserWarning):
+    """A prior's parameter cannot change the objective with the posterior it is paired with."""
+
+
+# Warnings already given in this process (each is given once).
+_WARNED: set[str] = set()
 
 
 def _check_same_levels(
@@ -99,4 +131,64 @@ def _kl_quantized_spike_and_slab(q: QuantizedCategorical, p: MultipleSpikeAndSla
     weights.
     """
     _check_same_levels(q, p)
+    _warn_if_slab_is_inert(p)
     return _categorical_kl(q, p.spike_probs.log())
+
+
+def _warn_if_slab_is_inert(p: MultipleSpikeAndSlab) -> None:
+    if "categorical-slab" in _WARNED or (p.point_mass and not bool((p.slab_prob > 0).any())):
+        return
+    _WARNED.add("categorical-slab")
+    warnings.warn(
+        "KL(QuantizedCategorical || MultipleSpikeAndSlab): a categorical posterior puts no "
+        "mass on the slab, so the prior's slab_scale and spike_scale (and, with equal spike "
+        "weights, slab_prob) do not change the objective; the KL is the zero-width limit of "
+        "the spikes. Use AutoQuantizedGuide(model, posterior='spike-and-slab') for a "
+        "posterior whose slab and spike width they act on.",
+        InertPriorWarning,
+        stacklevel=2,
+    )
+
+
+def _normal_kl(
+    loc: float | torch.Tensor,
+    scale: torch.Tensor,
+    prior_loc: float | torch.Tensor,
+    prior_scale: torch.Tensor,
+) -> torch.Tensor:
+    """``KL(N(loc, scale^2) || N(prior_loc, prior_scale^2))``, elementwise."""
+    ratio = (scale / prior_scale).square()
+    return 0.5 * (ratio + ((loc - prior_loc) / prior_scale).square() - 1 - ratio.log())
+
+
+@register_kl(MultipleSpikeAndSlab, MultipleSpikeAndSlab)
+def _kl_spike_and_slab(q: MultipleSpikeAndSlab, p: MultipleSpikeAndSlab) -> torch.Tensor:
+    """The KL of the joint (component, weight) distributions (see the module docstring):
+    exact for point-mass spikes, an upper bound for Gaussian ones; the levels must match,
+    and the spikes of both must be point masses or both Gaussian.
+
+    :raises ValueError: for spikes of only one kind: point masses against Gaussian spikes
+        have an infinite KL, and the bound would be infinite the other way round.
+    """
+    _check_same_levels(q, p)
+    if q.point_mass != p.point_mass:
+        raise ValueError(
+            "KL(MultipleSpikeAndSlab || MultipleSpikeAndSlab) needs the spikes of both to be "
+            "point masses or both Gaussian, got spike_scale "
+            f"{q.spike_scale.flatten()[:1].tolist()} (posterior) and "
+            f"{p.spike_scale.flatten()[:1].tolist()} (prior): give the posterior the prior's "
+            "kind of spike"
+        )
+    log_q, log_p = q.log_weights, p.log_weights
+    q_weights = log_q.exp()
+    empty = q_weights == 0
+    # 0 log 0 = 0, with finite gradients where q_c = 0 (a masked inf would give NaN).
+    log_q = torch.where(empty, 0.0, log_q)
+    log_p = torch.where(empty, 0.0, log_p)
+    kl = (q_weights * (log_q - log_p)).sum(-1)
+    slab_weight = q_weights[..., -1]
+    kl = kl + slab_weight * _normal_kl(q.slab_loc, q.slab_scale, p.slab_loc, p.slab_scale)
+    if not q.point_mass:
+        spike = _normal_kl(0.0, q.spike_scale, 0.0, p.spike_scale)
+        kl = kl + (1 - slab_weight) * spike
+    return kl

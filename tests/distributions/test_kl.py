@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pyro
 import pytest
@@ -197,3 +198,140 @@ def test_kl_broadcast_to_the_prior_is_a_fresh_tensor_in_the_promoted_dtype():
     kl = kl_divergence(q, prior.expand((2, 5)))
     assert kl.shape == (2, 5) and kl.dtype == torch.float64
     kl.mul_(2.0)  # writable: not a broadcast view
+
+
+# --- spike-and-slab posterior against the spike-and-slab prior -----------------------------
+
+ASYMMETRIC = levels.from_values([-1.0, -0.2, 0.4, 1.2])
+
+
+def _spike_and_slab_posterior(spike_scale=0.0, batch_shape=(6,), seed=20):
+    gen = torch.Generator().manual_seed(seed)
+    logits = 1.5 * torch.randn(*batch_shape, 5, generator=gen)
+    slab_loc = torch.randn(batch_shape, generator=gen)
+    slab_scale = 0.2 + 0.3 * torch.rand(batch_shape, generator=gen)
+    return MultipleSpikeAndSlab.from_logits(ASYMMETRIC, logits, slab_loc, slab_scale, spike_scale)
+
+
+def _component_log_densities(d: MultipleSpikeAndSlab, w: torch.Tensor) -> torch.Tensor:
+    """``log pi_c + log N(w; loc_c, scale_c^2)`` per component (Gaussian spikes), ``w.shape +
+    (K + 1,)``."""
+    normal = torch.distributions.Normal
+    spikes = normal(d.levels, d.spike_scale.unsqueeze(-1)).log_prob(w.unsqueeze(-1))
+    slab = normal(d.slab_loc, d.slab_scale).log_prob(w).unsqueeze(-1)
+    return d.log_weights + torch.cat([spikes, slab], -1)
+
+
+def _joint_and_true_log_ratios(q, p, w):
+    """Per sample: ``j(w) = sum_c q(c|w) log(q_c f_c(w) / (pi_c g_c(w)))`` and
+    ``log q(w) - log p(w)``; their difference is ``KL(q(c|w) || p(c|w))``."""
+    log_q_c, log_p_c = _component_log_densities(q, w), _component_log_densities(p, w)
+    responsibility = torch.softmax(log_q_c, -1)
+    terms = torch.where(responsibility == 0, 0.0, responsibility * (log_q_c - log_p_c))
+    return terms.sum(-1), q.log_prob(w) - p.log_prob(w)
+
+
+def test_spike_and_slab_kl_is_exact_for_point_masses():
+    q = _spike_and_slab_posterior()
+    p = MultipleSpikeAndSlab(ASYMMETRIC, torch.tensor([0.1, 0.3, 0.3, 0.2]), 0.1, 1.3, slab_loc=0.2)
+    kl = kl_divergence(q, p)
+    assert kl.shape == (6,)
+    with torch.no_grad():
+        w = q.sample((NUM_SAMPLES,))
+        # Densities against counting measure on the levels plus Lebesgue measure.
+        log_ratio = q.log_prob(w) - p.log_prob(w)
+    tol = Z * log_ratio.std(0) / NUM_SAMPLES**0.5 + 1e-5
+    assert ((log_ratio.mean(0) - kl).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("spike_scales", [(0.02, 0.02), (0.05, 0.02)], ids=["same", "wider"])
+def test_spike_and_slab_kl_of_gaussian_spikes_is_the_joint_bound(spike_scales):
+    """The analytic value is E_q[j(w)] with j the joint (component, weight) log ratio, and
+    exceeds the true KL E_q[log q(w) - log p(w)] by E_q[KL(q(c|w) || p(c|w))] >= 0."""
+    q = _spike_and_slab_posterior(spike_scales[0])
+    p = MultipleSpikeAndSlab.with_uniform_spikes(ASYMMETRIC, 0.1, 1.0, spike_scales[1])
+    bound = kl_divergence(q, p)
+    with torch.no_grad():
+        joint, true = _joint_and_true_log_ratios(q, p, q.sample((NUM_SAMPLES,)))
+        gap = joint - true
+    for samples, expected in ((joint, bound), (true, bound - gap.mean(0))):
+        tol = Z * samples.std(0) / NUM_SAMPLES**0.5 + 1e-4
+        assert ((samples.mean(0) - expected).abs() <= tol).all()
+    assert (gap >= -1e-4).all()  # the gap is a KL at every w
+
+
+def test_spike_and_slab_kl_gap_shrinks_with_the_spike_width():
+    gaps = []
+    for width in (0.02, 0.002):
+        q = _spike_and_slab_posterior(width)
+        p = MultipleSpikeAndSlab.with_uniform_spikes(ASYMMETRIC, 0.1, 1.0, width)
+        with torch.no_grad():
+            joint, true = _joint_and_true_log_ratios(q, p, q.sample((NUM_SAMPLES,)))
+        gaps.append((joint - true).mean(0).max().item())
+    assert gaps[1] < gaps[0] / 4, gaps
+
+
+def test_spike_and_slab_kl_responds_to_every_prior_parameter():
+    q = _spike_and_slab_posterior(0.03)
+    base = {"slab_prob": 0.1, "slab_scale": 1.0, "spike_scale": 0.02}
+    reference = kl_divergence(q, MultipleSpikeAndSlab.with_uniform_spikes(ASYMMETRIC, **base))
+    for name, value in (("slab_prob", 0.3), ("slab_scale", 3.0), ("spike_scale", 0.05)):
+        prior = MultipleSpikeAndSlab.with_uniform_spikes(ASYMMETRIC, **{**base, name: value})
+        assert (kl_divergence(q, prior) - reference).abs().min() > 1e-3, name
+
+
+def test_spike_and_slab_kl_zero_weights_and_gradients():
+    logits = torch.tensor([[-math.inf, 0.0, 1.0, 0.0, -1.0]], requires_grad=True)
+    q = MultipleSpikeAndSlab.from_logits(ASYMMETRIC, logits, 0.3, 0.5)
+    p = MultipleSpikeAndSlab(ASYMMETRIC, torch.tensor([0.0, 0.3, 0.3, 0.3]), 0.1, 1.0)
+    kl = kl_divergence(q, p)
+    assert torch.isfinite(kl).all()  # q puts no mass where p has none: 0 log 0 = 0
+    kl.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    p_no_slab = MultipleSpikeAndSlab(ASYMMETRIC, torch.full((4,), 0.25), 0.0, 1.0)
+    assert kl_divergence(q, p_no_slab).item() == math.inf
+
+
+def test_spike_and_slab_kl_needs_spikes_of_one_kind():
+    p = MultipleSpikeAndSlab.with_uniform_spikes(ASYMMETRIC, 0.1, 1.0, 0.02)
+    with pytest.raises(ValueError, match="point masses or both Gaussian"):
+        kl_divergence(_spike_and_slab_posterior(0.0), p)
+    p_point = MultipleSpikeAndSlab.with_uniform_spikes(ASYMMETRIC, 0.1, 1.0)
+    with pytest.raises(ValueError, match="point masses or both Gaussian"):
+        kl_divergence(_spike_and_slab_posterior(0.02), p_point)
+    with pytest.raises(ValueError, match="same levels"):
+        kl_divergence(_spike_and_slab_posterior(),
+                      MultipleSpikeAndSlab.with_uniform_spikes(levels.uniform(2), 0.1, 1.0))
+
+
+@pytest.mark.parametrize("spike_scale", [0.0, 0.02])
+def test_spike_and_slab_kl_under_expand_and_to_event(spike_scale):
+    q = _spike_and_slab_posterior(spike_scale, batch_shape=(3,))
+    p = MultipleSpikeAndSlab.with_uniform_spikes(ASYMMETRIC, 0.1, 1.0, spike_scale)
+    kl = kl_divergence(q, p.expand((3,)))
+    both = kl_divergence(q.expand((2, 3)).to_event(2), p.expand((2, 3)).to_event(2))
+    assert both.shape == ()
+    torch.testing.assert_close(both, 2 * kl.sum())
+
+
+# --- the inert-slab warning ---------------------------------------------------------------
+
+
+def test_categorical_posterior_against_a_slab_warns_once(monkeypatch):
+    from pyro_bqn.distributions import InertPriorWarning
+    from pyro_bqn.distributions import kl as kl_module
+
+    monkeypatch.setattr(kl_module, "_WARNED", set())
+    q = QuantizedCategorical(levels.ternary(), logits=_logits(4, 3, seed=21))
+    categorical = MultipleSpikeAndSlab.with_uniform_spikes(levels.ternary(), 0.0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kl_divergence(q, categorical)  # no slab, point masses: nothing is inert
+    slab = MultipleSpikeAndSlab.with_uniform_spikes(levels.ternary(), 0.1, 1.0)
+    wide = MultipleSpikeAndSlab.with_uniform_spikes(levels.ternary(), 0.1, 5.0, 0.05)
+    with pytest.warns(InertPriorWarning, match="slab_scale and spike_scale .* do not change"):
+        first = kl_divergence(q, slab)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = kl_divergence(q, wide)  # warned once already
+    torch.testing.assert_close(first, second)  # indeed inert
