@@ -1,10 +1,11 @@
-"""BayesBiNN: the Bayesian learning rule for binary weights (Meng, Bachmann & Khan, ICML 2020).
+"""BayesBiNN: the Bayesian learning rule for binary weights (Meng, Bachmann & Khan, "Training
+Binary Neural Networks using the Bayesian Learning Rule", ICML 2020).
 
-Every binary weight ``w ∈ {-1, +1}`` has a mean-field posterior
-``q(w) ∝ exp(λ w)`` with natural parameter ``λ``: ``P(w = +1) = sigmoid(2λ)``, mean
-``μ = tanh(λ)`` and variance ``1 − μ²``. The prior has natural parameter ``λ₀`` (``0``: a fair
-coin). One step, with learning rate ``α``, temperature ``τ``, ``M`` Monte Carlo samples and
-``N`` training examples:
+Every binary weight ``w ∈ {-1, +1}`` has a mean-field posterior ``q(w) ∝ exp(λ w)`` with
+natural parameter ``λ``: ``P(w = +1) = sigmoid(2λ)``, mean ``μ = tanh(λ)`` and variance
+``1 − μ²``. The prior has natural parameter ``λ₀`` (``0``: a fair coin). One step, with
+learning rate ``α``, temperature ``τ``, ``M`` Monte Carlo samples and ``N`` training
+examples:
 
 1. For ``m = 1..M`` draw the Gumbel-softmax (concrete) relaxation of every weight,
    ``u ~ U(0, 1)``, ``δ = ½ log(u / (1 − u))``, ``w_m = tanh((λ + δ) / τ)``, run the closure
@@ -12,20 +13,40 @@ coin). One step, with learning rate ``α``, temperature ``τ``, ``M`` Monte Carl
 2. ``ĝ = (N / M) Σ_m s_m · g_m`` with ``s_m = (1 − w_m²) / (τ (1 − μ²))``: the chain rule
    through the relaxation, ``∂w_m/∂λ = (1 − w_m²)/τ``, turned into a gradient with respect
    to the mean parameter by ``∂μ/∂λ = 1 − μ²``.
-3. ``λ ← (1 − α) λ − α (ĝ − λ₀)``; with KL weight ``β`` and momentum ``ρ``:
-   ``m ← ρ m + (1 − ρ)(ĝ + β (λ − λ₀))``, ``λ ← λ − α m / (1 − ρᵗ)`` (``β = 1``, ``ρ = 0`` gives
-   the plain rule).
+3. With KL weight ``β`` and momentum ``ρ``: ``m ← ρ m + (1 − ρ)(ĝ + β (λ − λ₀))``,
+   ``λ ← λ − α m / (1 − ρᵗ)``; ``β = 1``, ``ρ = 0`` is the paper's rule
+   ``λ ← (1 − α) λ − α (ĝ − λ₀)``.
 
-Differences from the reference implementation (team-approx-bayes/BayesBiNN), on purpose:
+**Tempering.** ``β`` (``kl_weight``, the reference's ``reweight``) weighs the KL term
+exactly as the KL weight of the other Bayesian methods here (``DeterministicELBO``'s, the
+Gaussian BNN's): the rule is natural-gradient descent on
+``N · E_q[ℓ] + β · KL(q ‖ p)``, i.e. on ``−(E_q[log p(y | x, w)] − β · KL)``; ``β = 1`` is
+the ELBO, ``β < 1`` a tempered (sharper) posterior. ``β`` and ``α`` together set how fast
+the prior pulls ``λ`` back: by a factor ``1 − αβ`` per step.
 
-* ``s_m`` is computed as ``cosh²(λ) / (τ cosh²((λ + δ)/τ))`` in log space, so it is exact
-  where ``tanh`` rounds to ``±1`` (``|λ| ≳ 9`` in float32). The reference adds ``1e-10`` to
-  numerator and denominator instead, which, at its MNIST setting ``τ = 1e-10``, turns ``s_m``
-  into ``≈ 1/(1 − μ² + 1e-10)``; with the exact ``s_m`` a tiny ``τ`` makes the likelihood
-  gradient vanish, so use ``τ`` of order one here.
+**The gradient scale** ``s_m`` (``gradient_scale``):
+
+* ``"authors"`` (the default): ``s = (1 − w² + ε) / τ / (1 − μ² + ε)`` with ``ε = 1e-10``,
+  as the reference implementation (team-approx-bayes/BayesBiNN) computes it. This is what
+  makes the paper's MNIST setting work: at ``τ = 1e-10`` and ``λ`` initialised at ``±10``,
+  ``tanh`` rounds to exactly ``±1`` in float32, so both ``1 − w²`` and ``1 − μ²`` are 0 and
+  ``s = ε / τ / ε = 1/τ = 1e10`` for every weight. The update then adds ``−α N g / τ`` to
+  ``λ`` (a huge step; ``λ`` stays saturated) and decays it by ``1 − αβ``: ``λ`` is a
+  decayed running sum of the gradients and the weight its sign, much like Bop (Helwegen
+  et al. 2019), which the paper derives as a special case. Away from saturation it equals
+  the exact scale.
+* ``"exact"``: ``s = cosh²(λ) / (τ cosh²((λ + δ)/τ))``, the same quantity computed in log
+  space, exact where ``tanh`` rounds to ``±1`` (``|λ| ≳ 9`` in float32). In the regime
+  above the exact ``s`` is ``0`` (``(1 − w²)/τ`` underflows far faster than ``1 − μ²``),
+  so the likelihood never reaches ``λ``: the weights never move. Use it only with ``τ`` of
+  order one and a small ``|λ|`` at the start; keep ``τ <= 1`` then, because for ``τ > 1`` the
+  scale grows like ``exp(2|λ|(1 − 1/τ))`` and ``λ`` diverges.
+
+Other differences from the reference implementation, on purpose:
+
 * The mean after a step is computed from the *updated* ``λ`` (the reference keeps the
-  previous one), and the variance is ``1 − μ²`` (the reference's
-  ``get_distribution_params`` returns ``μ (1 − μ)``).
+  previous one, so its ``μ`` lags one step), and the variance is ``1 − μ²`` (the
+  reference's ``get_distribution_params`` returns ``μ (1 − μ)``).
 * ``λ`` starts at ``init_lamda · sign(p)`` of the parameter's current values (sign ``0`` is
   ``+1``), so the model's own random initialisation picks the initial signs; the reference
   draws fresh random signs.
@@ -34,11 +55,30 @@ Parameters that are not binary (batch-norm affine parameters, the output bias an
 scale) are not this optimizer's business: :func:`train_bayesbinn` trains them with Adam
 alongside, on the gradients of the last Monte Carlo sample of every step, as the reference
 does with its separate ``bn_optimizer``. Batch-norm running statistics are those of the
-relaxed networks seen in training; the most probable and the sampled ``±1`` networks use
+relaxed networks seen in training; the sampled ``±1`` networks and the mean network use
 them as they are, as in the reference.
 
-Outside :meth:`BayesBiNN.step` the binary parameters hold the most probable network
-``sign(μ)``, so ``model(x)`` is always a valid binary network.
+**Prediction** (:func:`bayesbinn_predict_proba`): the paper's Bayesian predictive averages
+``softmax`` over binary networks sampled from ``q`` (``mode="sampled"``); the second mode
+is the single mean network ``sign(μ) = sign(tanh(λ))`` (``mode="mean"``, also the most
+probable network of ``q``, which the reference's MNIST script evaluates by default). The
+two agree once ``λ`` has concentrated (as in the authors' saturated regime); where it has
+not, the mean network can be far worse than the average of samples.
+
+Outside :meth:`BayesBiNN.step` the binary parameters hold the mean network ``sign(μ)``, so
+``model(x)`` is always a valid binary network.
+
+Usage::
+
+    >>> import torch
+    >>> from pyro_bqn.baselines.mlp import mlp_architecture
+    >>> _ = torch.manual_seed(0)
+    >>> x, y = torch.randn(64, 8), torch.randint(3, (64,))
+    >>> model = bayesbinn_network(mlp_architecture([8, 16, 3]))
+    >>> optimizer = train_bayesbinn(model, x, y, lr=1e-3, epochs=2, batch_size=16,
+    ...                             kl_weight=1e-3, progress=False)
+    >>> bayesbinn_predict_proba(model, optimizer, x, num_samples=5).shape
+    torch.Size([64, 3])
 """
 
 from __future__ import annotations
@@ -51,18 +91,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyro_bqn.architectures import TORCH_LAYERS, Architecture
 from pyro_bqn.baselines._checks import check_positive_int
-from pyro_bqn.baselines.mlp import MLP, check_sizes
-from pyro_bqn.baselines.ste import SignSTE
-from pyro_bqn.baselines.training import predict_proba, train
+from pyro_bqn.baselines.mlp import Network, mlp_architecture
+from pyro_bqn.baselines.ste import SignSTE, train_with_lr_schedule
+from pyro_bqn.baselines.training import predict_proba
 
 __all__ = [
+    "AUTHORS_EPS",
+    "BAYESBINN_ACTIVATIONS",
+    "GRADIENT_SCALES",
+    "PREDICTION_MODES",
     "BayesBiNN",
     "bayesbinn_mlp",
+    "bayesbinn_network",
     "bayesbinn_predict_proba",
     "split_binary_parameters",
     "train_bayesbinn",
 ]
+
+#: The ``gradient_scale`` options of :class:`BayesBiNN` (see the module docstring).
+GRADIENT_SCALES = ("authors", "exact")
+#: The ``ε`` of the reference implementation's gradient scale.
+AUTHORS_EPS = 1e-10
+#: The ``mode`` options of :func:`bayesbinn_predict_proba`.
+PREDICTION_MODES = ("sampled", "mean")
+#: Hidden activations of :func:`bayesbinn_network`: ``"sign"`` (binary, with the hardtanh
+#: straight-through gradient, as the other quantized rows) or ``"relu"`` (the reference's
+#: MNIST network: binary weights, real activations).
+BAYESBINN_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"sign": SignSTE, "relu": nn.ReLU}
+_BINARY_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _log_cosh(x: torch.Tensor) -> torch.Tensor:
@@ -92,13 +150,40 @@ def _check_number(
         raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
 
 
+def _check_choice(value: str, name: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _gradient_scale(
+    lamda: torch.Tensor, z: torch.Tensor, temperature: float, gradient_scale: str
+) -> torch.Tensor:
+    """The scale ``s`` turning ``∂ℓ/∂w`` at the relaxed sample ``w = tanh(z)``,
+    ``z = (λ + δ)/τ``, into the gradient with respect to ``μ``; same shape as ``lamda``.
+
+    ``"authors"``: ``(1 − w² + ε) / τ / (1 − tanh²λ + ε)`` with ``ε =`` :data:`AUTHORS_EPS`;
+    ``"exact"``: ``cosh²λ / (τ cosh² z)``, in log space (see the module docstring).
+    """
+    if gradient_scale == "authors":
+        w, mu = torch.tanh(z), torch.tanh(lamda)
+        return (1.0 - w * w + AUTHORS_EPS) / temperature / (1.0 - mu * mu + AUTHORS_EPS)
+    return torch.exp(2.0 * (_log_cosh(lamda) - _log_cosh(z))) / temperature
+
+
 class BayesBiNN(torch.optim.Optimizer):
-    """The BayesBiNN optimizer over binary ``±1`` parameters; see the module docstring.
+    """The BayesBiNN optimizer over binary ``±1`` parameters of any shape (linear weights,
+    convolution kernels); see the module docstring for the rule, the gradient scale and the
+    KL weight.
 
     Per-parameter state: ``lamda`` (natural parameters ``λ``, the parameter's shape),
     ``momentum_buffer`` and ``step``. Per-group options: ``lr``, ``temperature``,
-    ``prior_lamda``, ``init_lamda``, ``momentum``, ``kl_weight``. ``train_set_size`` and
-    ``num_samples`` are shared by all groups, because one closure evaluates the whole model.
+    ``prior_lamda``, ``init_lamda``, ``momentum``, ``kl_weight``, ``gradient_scale``.
+    ``train_set_size`` and ``num_samples`` are shared by all groups, because one closure
+    evaluates the whole model.
+
+    The defaults are the reference's MNIST setting (``lr = 1e-4``, ``τ = 1e-10``,
+    ``|λ| = 10`` at the start, one sample, the authors' scale, no momentum), which it runs
+    for 500 epochs over 54,000 images with a cosine learning-rate decay.
 
     :param params: the binary parameters (iterable of tensors or of parameter-group dicts).
     :param train_set_size: ``N``, the number of training examples the mean loss is over.
@@ -108,12 +193,21 @@ class BayesBiNN(torch.optim.Optimizer):
     :param prior_lamda: prior natural parameter ``λ₀`` (``0``: ``P(w = +1) = ½``).
     :param init_lamda: ``|λ|`` at the start, ``>= 0``; signs from the parameters' values.
     :param momentum: ``ρ`` in ``[0, 1)``, an Adam-style bias-corrected running average.
-    :param kl_weight: ``β >= 0`` on the prior term (``1``: the Bayesian learning rule).
+    :param kl_weight: ``β >= 0`` on the KL term (``1``: the Bayesian learning rule).
+    :param gradient_scale: ``"authors"`` or ``"exact"`` (:data:`GRADIENT_SCALES`).
 
-    The defaults ``lr = 1e-4``, ``init_lamda = 10``, ``num_samples = 1`` are the reference's
-    MNIST setting (``N ≈ 54,000``, hundreds of epochs); a short run on little data wants a
-    larger ``lr`` and a smaller ``init_lamda`` (e.g. ``1e-2`` and ``1``). Keep ``τ <= 1``:
-    for ``τ > 1`` the scale ``s`` grows like ``exp(2|λ|(1 − 1/τ))`` and ``λ`` diverges.
+    Usage::
+
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.randn(3, 4))
+        >>> optimizer = BayesBiNN([w], train_set_size=100, lr=1e-3, kl_weight=1e-2)
+        >>> def closure():
+        ...     loss = (w.sum(0) - 1.0).pow(2).mean()
+        ...     loss.backward()
+        ...     return loss
+        >>> loss = optimizer.step(closure)
+        >>> bool(torch.isin(w, torch.tensor([-1.0, 1.0])).all())
+        True
     """
 
     def __init__(
@@ -122,12 +216,13 @@ class BayesBiNN(torch.optim.Optimizer):
         train_set_size: int,
         *,
         lr: float = 1e-4,
-        temperature: float = 1.0,
+        temperature: float = 1e-10,
         num_samples: int = 1,
         prior_lamda: float = 0.0,
         init_lamda: float = 10.0,
         momentum: float = 0.0,
         kl_weight: float = 1.0,
+        gradient_scale: str = "authors",
     ) -> None:
         check_positive_int(train_set_size, "train_set_size")
         check_positive_int(num_samples, "num_samples")
@@ -140,6 +235,7 @@ class BayesBiNN(torch.optim.Optimizer):
             init_lamda=init_lamda,
             momentum=momentum,
             kl_weight=kl_weight,
+            gradient_scale=gradient_scale,
         )
         super().__init__(params, defaults)
 
@@ -154,6 +250,7 @@ class BayesBiNN(torch.optim.Optimizer):
         _check_number(group["init_lamda"], "init_lamda", 0.0)
         _check_number(group["momentum"], "momentum", 0.0, 1.0, high_open=True)
         _check_number(group["kl_weight"], "kl_weight", 0.0)
+        _check_choice(group["gradient_scale"], "gradient_scale", GRADIENT_SCALES)
         for p in group["params"]:
             state = self.state[p]
             state["lamda"] = group["init_lamda"] * _sign(p.detach())
@@ -176,8 +273,9 @@ class BayesBiNN(torch.optim.Optimizer):
         return torch.exp(-2.0 * _log_cosh(self.state[p]["lamda"]))
 
     @torch.no_grad()
-    def load_map_(self) -> None:
-        """Write the most probable network ``sign(μ)`` (``+1`` where ``μ = 0``) into the params."""
+    def load_mean_(self) -> None:
+        """Write the mean network ``sign(μ)`` (``+1`` where ``μ = 0``) into the parameters;
+        it is also the most probable network of the posterior."""
         for _, p in self._params():
             p.copy_(_sign(self.state[p]["lamda"]))
 
@@ -217,8 +315,7 @@ class BayesBiNN(torch.optim.Optimizer):
                 z = (lamda + 0.5 * torch.logit(u, eps=torch.finfo(u.dtype).eps)) / tau
                 p.copy_(torch.tanh(z))
                 p.grad = None
-                # s = (1 - tanh²z) / (τ (1 - tanh²λ)) = cosh²λ / (τ cosh²z), in log space.
-                scales.append(torch.exp(2.0 * (_log_cosh(lamda) - _log_cosh(z))) / tau)
+                scales.append(_gradient_scale(lamda, z, tau, group["gradient_scale"]))
             with torch.enable_grad():
                 losses.append(closure().detach())
             if all(p.grad is None for _, p in params):
@@ -238,33 +335,61 @@ class BayesBiNN(torch.optim.Optimizer):
         return torch.stack(losses).mean()
 
 
+def bayesbinn_network(
+    architecture: Architecture,
+    *,
+    activation: str = "sign",
+    output_scale: float | None = None,
+    learn_output_scale: bool = True,
+) -> Network:
+    """The binary network for BayesBiNN in ``architecture``: plain
+    :class:`torch.nn.Linear` and :class:`torch.nn.Conv2d` layers whose weights
+    :class:`BayesBiNN` owns, batch norm, the ``activation``, then a logit scale; the shape
+    of :func:`~pyro_bqn.baselines.ste_network`.
+
+    :class:`BayesBiNN` writes relaxed samples into the weights during a step and ``±1``
+    values otherwise. Input ``(N, ...)`` (reshaped to the architecture's input shape),
+    output logits ``(N, num_classes)``.
+
+    :param activation: a key of :data:`BAYESBINN_ACTIVATIONS`: ``"sign"`` (default, binary
+        activations like the other quantized networks here) or ``"relu"`` (the reference's
+        MNIST network).
+    :param output_scale: initial logit scale; default ``1 / sqrt(fan_in)`` of the output
+        layer.
+    :param learn_output_scale: learn the logit scale (default) or keep it fixed.
+    """
+    _check_choice(activation, "activation", tuple(BAYESBINN_ACTIVATIONS))
+    if output_scale is None:
+        output_scale = architecture.sizes[-2] ** -0.5
+    return Network(
+        architecture,
+        TORCH_LAYERS.replace(activation=BAYESBINN_ACTIVATIONS[activation]),
+        output_scale=output_scale,
+        learn_output_scale=learn_output_scale,
+    )
+
+
 def bayesbinn_mlp(
     sizes: Sequence[int],
     *,
+    activation: str = "sign",
     output_scale: float | None = None,
     learn_output_scale: bool = True,
-) -> MLP:
-    """The binary network for BayesBiNN: ``[Linear → BatchNorm1d → SignSTE] × (L − 1) →
-    Linear → scale``, the shape of :func:`~pyro_bqn.baselines.ste_mlp`.
-
-    The linear weights are used as they are: :class:`BayesBiNN` writes relaxed samples into
-    them during a step and ``±1`` values otherwise. Input ``(N, sizes[0])``, output logits
-    ``(N, sizes[-1])``; the output scale defaults to ``1 / sqrt(sizes[-2])``.
-    """
-    sizes = check_sizes(sizes)
-    return MLP(
-        sizes,
-        linear=nn.Linear,
-        activation=SignSTE,
-        output_scale=sizes[-2] ** -0.5 if output_scale is None else output_scale,
+) -> Network:
+    """:func:`bayesbinn_network` of the MLP of widths ``sizes = (d_in, h_1, ..., d_out)``:
+    ``[Linear → BatchNorm1d → activation] × (L − 1) → Linear → scale``."""
+    return bayesbinn_network(
+        mlp_architecture(sizes),
+        activation=activation,
+        output_scale=output_scale,
         learn_output_scale=learn_output_scale,
     )
 
 
 def split_binary_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Split ``model``'s parameters into binary ones (the weight of every
-    :class:`torch.nn.Linear`) and the rest (biases, batch norm, logit scale), in order."""
-    binary_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    """Split ``model``'s parameters into binary ones (the weight of every linear and
+    convolution layer) and the rest (biases, batch norm, logit scale), in order."""
+    binary_ids = {id(m.weight) for m in model.modules() if isinstance(m, _BINARY_LAYERS)}
     binary, other = [], []
     for p in model.parameters():
         (binary if id(p) in binary_ids else other).append(p)
@@ -277,22 +402,29 @@ def train_bayesbinn(
     y: torch.Tensor,
     *,
     lr: float = 1e-4,
-    temperature: float = 1.0,
+    temperature: float = 1e-10,
     num_samples: int = 1,
     prior_lamda: float = 0.0,
     init_lamda: float = 10.0,
     momentum: float = 0.0,
     kl_weight: float = 1.0,
+    gradient_scale: str = "authors",
     other_lr: float = 1e-2,
+    lr_schedule: str = "cosine",
+    final_lr_fraction: float = 0.0,
     **train_kwargs: Any,
 ) -> BayesBiNN:
-    """Train ``model``'s linear weights with :class:`BayesBiNN` and its other parameters with
-    Adam (learning rate ``other_lr``) through :func:`~pyro_bqn.baselines.train`.
+    """Train ``model``'s linear and convolution weights with :class:`BayesBiNN` and its other
+    parameters with Adam (learning rate ``other_lr``).
 
-    ``N = x.shape[0]``; the BayesBiNN options are documented on :class:`BayesBiNN`, and
-    ``train_kwargs`` (``epochs``, ``batch_size``, ``seed``, ...) go to
-    :func:`~pyro_bqn.baselines.train`. Returns the optimizer, which holds the posterior
-    (for :func:`bayesbinn_predict_proba`).
+    ``N = x.shape[0]``; the BayesBiNN options are documented on :class:`BayesBiNN` (their
+    defaults are the reference's MNIST setting; ``kl_weight`` is the KL weight ``β`` of the
+    other Bayesian methods, see the module docstring). Both optimizers' learning rates
+    follow ``lr_schedule`` down to ``final_lr_fraction`` of their start
+    (:func:`~pyro_bqn.baselines.ste.train_with_lr_schedule`; the reference decays both with
+    a cosine to zero). ``train_kwargs`` (``epochs``, ``batch_size``, ``seed``, ``callback``,
+    ...) go to :func:`~pyro_bqn.baselines.train`. Returns the optimizer, which holds the
+    posterior (for :func:`bayesbinn_predict_proba`).
     """
     if "optimizer" in train_kwargs:
         raise ValueError("train_bayesbinn builds its optimizers itself; do not pass optimizer")
@@ -307,11 +439,20 @@ def train_bayesbinn(
         init_lamda=init_lamda,
         momentum=momentum,
         kl_weight=kl_weight,
+        gradient_scale=gradient_scale,
     )
     optimizers: list[torch.optim.Optimizer] = [optimizer]
     if other:
         optimizers.append(torch.optim.Adam(other, lr=other_lr))
-    train(model, x, y, optimizer=optimizers, **train_kwargs)
+    train_with_lr_schedule(
+        model,
+        x,
+        y,
+        optimizers,
+        lr_schedule=lr_schedule,
+        final_lr_fraction=final_lr_fraction,
+        **train_kwargs,
+    )
     return optimizer
 
 
@@ -320,27 +461,33 @@ def bayesbinn_predict_proba(
     optimizer: BayesBiNN,
     x: torch.Tensor,
     *,
-    num_samples: int | None = None,
+    mode: str = "sampled",
+    num_samples: int = 10,
     batch_size: int = 1024,
     seed: int = 0,
 ) -> torch.Tensor:
     """Predictive probabilities of the BayesBiNN posterior, shape ``(N, C)``.
 
-    ``num_samples=None``: the most probable binary network ``sign(μ)``. Otherwise the
-    average of ``softmax`` over ``num_samples`` exact ``±1`` weight samples (drawn with a
-    generator seeded by ``seed``). Either way the parameters hold ``sign(μ)`` afterwards.
+    :param mode: ``"sampled"`` (the paper's): the average of ``softmax`` over
+        ``num_samples`` binary networks drawn exactly from ``q`` (each weight ``+1`` with
+        probability ``sigmoid(2λ)``), with a generator seeded by ``seed``; ``"mean"``: the
+        one network ``sign(μ)`` (``num_samples`` and ``seed`` unused).
+    :param num_samples: networks averaged in ``"sampled"`` mode, ``>= 1``.
+    :param batch_size: examples per forward pass.
+
+    Either way the parameters hold ``sign(μ)`` afterwards.
     """
-    if num_samples is not None:
-        check_positive_int(num_samples, "num_samples")
-    if num_samples is None:
-        optimizer.load_map_()
+    _check_choice(mode, "mode", PREDICTION_MODES)
+    check_positive_int(num_samples, "num_samples")
+    if mode == "mean":
+        optimizer.load_mean_()
         return predict_proba(model, x, batch_size)
     generator = torch.Generator().manual_seed(seed)
     try:
-        probs = []
+        probs = torch.zeros(())
         for _ in range(num_samples):
             optimizer.sample_(generator)
-            probs.append(predict_proba(model, x, batch_size))
+            probs = probs + predict_proba(model, x, batch_size)
     finally:
-        optimizer.load_map_()
-    return torch.stack(probs).mean(0)
+        optimizer.load_mean_()
+    return probs / num_samples

@@ -4,14 +4,19 @@ import pytest
 import torch
 from torch import nn
 
+from pyro_bqn.architectures import Architecture
 from pyro_bqn.baselines import (
     BayesBiNN,
     bayesbinn_mlp,
     bayesbinn_predict_proba,
+    predict_proba,
     split_binary_parameters,
     train_bayesbinn,
 )
+from pyro_bqn.baselines.bayesbinn import bayesbinn_network
 from tests.baselines.conftest import accuracy
+
+CNN = Architecture("cnn", (1, 28, 28), 10, (4, 8, 16))
 
 LAMDA = torch.tensor([-2.0, -0.3, 0.0, 1.5], dtype=torch.float64)
 GRAD = torch.tensor([0.4, -1.0, 0.25, 2.0], dtype=torch.float64)
@@ -36,9 +41,12 @@ def _linear_closure(p: nn.Parameter, seen: list[torch.Tensor]):
     return closure
 
 
-def test_one_step_by_hand():
+@pytest.mark.parametrize("gradient_scale", ["authors", "exact"])
+def test_one_step_by_hand(gradient_scale):
     lr, tau, n, prior = 0.1, 0.7, 50, 0.2
-    p, opt = _optimizer(lr=lr, temperature=tau, train_set_size=n, prior_lamda=prior)
+    p, opt = _optimizer(
+        lr=lr, temperature=tau, train_set_size=n, prior_lamda=prior, gradient_scale=gradient_scale
+    )
     seen = []
     torch.manual_seed(3)
     opt.step(_linear_closure(p, seen))
@@ -49,7 +57,8 @@ def test_one_step_by_hand():
     u = torch.rand_like(LAMDA)
     torch.testing.assert_close(w, torch.tanh((LAMDA + 0.5 * torch.log(u / (1 - u))) / tau))
 
-    # λ ← (1 − α) λ − α (N s g − λ₀) with s = (1 − w²) / (τ (1 − μ²)).
+    # λ ← (1 − α) λ − α (N s g − λ₀) with s = (1 − w²) / (τ (1 − μ²)); away from
+    # saturation the authors' ε = 1e-10 changes nothing at this tolerance.
     scale = (1 - w**2) / (tau * (1 - torch.tanh(LAMDA) ** 2))
     expected = (1 - lr) * LAMDA - lr * (n * scale * GRAD - prior)
     torch.testing.assert_close(opt.state[p]["lamda"], expected)
@@ -60,6 +69,7 @@ def test_one_step_by_hand():
 def test_two_steps_with_samples_momentum_and_kl_weight_by_hand():
     lr, tau, n, prior, rho, beta, m = 0.05, 1.0, 30, -0.1, 0.6, 0.5, 3
     p, opt = _optimizer(
+        gradient_scale="exact",
         lr=lr,
         temperature=tau,
         train_set_size=n,
@@ -81,6 +91,43 @@ def test_two_steps_with_samples_momentum_and_kl_weight_by_hand():
         lamda = lamda - lr * buffer / (1 - rho**t)
         torch.testing.assert_close(opt.state[p]["lamda"], lamda)
         assert opt.state[p]["step"] == t
+
+
+def test_authors_scale_at_the_papers_mnist_setting_by_hand():
+    """τ = 1e-10, λ = ±10 in float32: tanh rounds to ±1, so the authors' scale is
+    ``(0 + ε) / τ / (0 + ε) = 1/τ = 1e10`` and λ moves by ``−α (N g / τ + β (λ − λ₀))``; the
+    exact scale is 0 there and only the prior's pull ``(1 − αβ) λ`` is left."""
+    lamda = torch.tensor([10.0, -10.0, 10.0, -10.0])
+    grad = torch.tensor([1e-6, 3e-7, -2e-6, -5e-7])
+    lr, tau, n, beta = 1e-4, 1e-10, 54_000, 1e-3
+    seen = []
+
+    def closure(p):
+        def f() -> torch.Tensor:
+            seen.append(p.detach().clone())
+            loss = (grad * p).sum()
+            loss.backward()
+            return loss
+
+        return f
+
+    results = {}
+    for scale in ("authors", "exact"):
+        p = nn.Parameter(torch.zeros(4))
+        opt = BayesBiNN(
+            [p], train_set_size=n, lr=lr, temperature=tau, kl_weight=beta, gradient_scale=scale
+        )
+        opt.state[p]["lamda"].copy_(lamda)
+        opt.step(closure(p))
+        results[scale] = opt.state[p]["lamda"].clone()
+    assert torch.equal(seen[0], torch.tensor([1.0, -1.0, 1.0, -1.0]))  # samples are ±1
+
+    s = 1.0 / tau  # (1 - 1 + 1e-10) / 1e-10 / (1 - 1 + 1e-10), by hand
+    expected = lamda - lr * (n * s * grad + beta * lamda)  # e.g. 10 - 1e-4 (5.4e-2 · 1e10 + 1e-2)
+    torch.testing.assert_close(results["authors"], expected, rtol=1e-5, atol=0)
+    # The signs follow the gradients: weights 0 and 3 flip, 1 and 2 get more certain.
+    assert torch.equal(results["authors"].sign(), torch.tensor([-1.0, -1.0, 1.0, 1.0]))
+    torch.testing.assert_close(results["exact"], (1 - lr * beta) * lamda)
 
 
 def test_unused_parameter_only_feels_the_prior():
@@ -123,7 +170,7 @@ def test_samples_are_exactly_binary_with_the_right_mean():
     assert torch.isin(p.detach(), torch.tensor([-1.0, 1.0], dtype=torch.float64)).all()
     mu = math.tanh(0.4)
     assert abs(p.mean().item() - mu) < 4 * math.sqrt((1 - mu**2) / n)
-    opt.load_map_()
+    opt.load_mean_()
     assert torch.equal(p.detach(), torch.ones(n, dtype=torch.float64))
 
 
@@ -149,6 +196,68 @@ def test_split_binary_parameters():
     ]
 
 
+def test_split_binary_parameters_takes_convolution_kernels():
+    model = bayesbinn_network(CNN)
+    binary, _ = split_binary_parameters(model)
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert [named[id(p)] for p in binary] == [
+        "conv1.weight",
+        "conv2.weight",
+        "fc1.weight",
+        "out.weight",
+    ]
+
+
+@pytest.mark.parametrize("activation", ["sign", "relu"])
+def test_cnn_network_trains_on_flat_input(activation):
+    torch.manual_seed(0)
+    model = bayesbinn_network(CNN, activation=activation)
+    assert isinstance(model.act1, nn.ReLU) == (activation == "relu")
+    x, y = torch.randn(12, 784), torch.randint(10, (12,))
+    model(x).logsumexp(-1).sum().backward()  # forward and backward on (N, 784)
+    assert all(p.grad is not None for p in model.parameters())
+    kernel = model.conv2.weight.detach().clone()
+    opt = train_bayesbinn(
+        model, x, y, lr=1e-2, kl_weight=1e-3, epochs=1, batch_size=6, progress=False
+    )
+    assert opt.state[model.conv2.weight]["lamda"].shape == (8, 4, 5, 5)
+    assert not torch.equal(model.conv2.weight.detach(), kernel.sign())  # kernels moved
+    assert torch.isin(model.conv2.weight.detach(), torch.tensor([-1.0, 1.0])).all()
+    probs = bayesbinn_predict_proba(model, opt, x, num_samples=2)
+    assert probs.shape == (12, 10)
+
+
+def test_sampled_prediction_is_the_average_over_posterior_samples():
+    torch.manual_seed(0)
+    model = bayesbinn_mlp([5, 8, 3]).eval()
+    binary, _ = split_binary_parameters(model)
+    opt = BayesBiNN(binary, train_set_size=10)
+    x = torch.randn(7, 5)
+
+    # Every weight uncertain (λ = 0): the sampled predictive averages networks drawn from
+    # the generator seeded with `seed`, in order; the mean mode is the one network sign(μ).
+    for p in binary:
+        opt.state[p]["lamda"].zero_()
+    sampled = bayesbinn_predict_proba(model, opt, x, num_samples=4, seed=3)
+    generator, by_hand = torch.Generator().manual_seed(3), []
+    for _ in range(4):
+        opt.sample_(generator)
+        by_hand.append(predict_proba(model, x))
+    torch.testing.assert_close(sampled, torch.stack(by_hand).mean(0))
+    mean = bayesbinn_predict_proba(model, opt, x, mode="mean")
+    assert all(torch.equal(p.detach(), torch.ones_like(p)) for p in binary)  # sign(0) = +1
+    torch.testing.assert_close(mean, predict_proba(model, x))
+    assert not torch.allclose(sampled, mean)
+
+    # A concentrated posterior (|λ| = 30): every sample is the mean network.
+    for p in binary:
+        opt.state[p]["lamda"].copy_(30.0 * torch.randn(p.shape).sign())
+    torch.testing.assert_close(
+        bayesbinn_predict_proba(model, opt, x, num_samples=3),
+        bayesbinn_predict_proba(model, opt, x, mode="mean"),
+    )
+
+
 def test_bayesbinn_learns_digits(digits):
     torch.manual_seed(0)
     model = bayesbinn_mlp([64, 64, 10])
@@ -156,14 +265,13 @@ def test_bayesbinn_learns_digits(digits):
         model,
         digits["x"],
         digits["y"],
-        lr=2e-2,
-        init_lamda=1.0,
+        kl_weight=1e-3,
         epochs=10,
         batch_size=64,
         progress=False,
     )
     x, y = digits["x_test"], digits["y_test"]
-    assert accuracy(bayesbinn_predict_proba(model, opt, x), y) > 0.7
+    assert accuracy(bayesbinn_predict_proba(model, opt, x, mode="mean"), y) > 0.7
     mc = bayesbinn_predict_proba(model, opt, x, num_samples=5, seed=1)
     torch.testing.assert_close(mc.sum(-1), torch.ones(len(y)))
     assert accuracy(mc, y) > 0.7
@@ -185,6 +293,7 @@ def test_bayesbinn_learns_digits(digits):
         ({"kl_weight": -1.0}, "kl_weight"),
         ({"init_lamda": -1.0}, "init_lamda"),
         ({"prior_lamda": math.nan}, "prior_lamda"),
+        ({"gradient_scale": "reference"}, "gradient_scale"),
     ],
 )
 def test_bad_arguments(kwargs, name):
@@ -202,5 +311,9 @@ def test_bad_call_arguments():
     opt = BayesBiNN(split_binary_parameters(model)[0], train_set_size=4)
     with pytest.raises(ValueError, match="num_samples"):
         bayesbinn_predict_proba(model, opt, torch.zeros(4, 3), num_samples=0)
+    with pytest.raises(ValueError, match="mode"):
+        bayesbinn_predict_proba(model, opt, torch.zeros(4, 3), mode="map")
+    with pytest.raises(ValueError, match="activation"):
+        bayesbinn_mlp([3, 2], activation="tanh")
     with pytest.raises(ValueError, match="optimizer"):
         train_bayesbinn(model, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), optimizer=opt)
