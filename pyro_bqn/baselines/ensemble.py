@@ -1,4 +1,17 @@
-"""E-QNN: a bootstrap ensemble of straight-through-estimator quantized networks."""
+"""E-QNN: a bootstrap ensemble of straight-through-estimator quantized networks, of any
+:class:`~pyro_bqn.architectures.Architecture` (the BQN paper's ensemble-of-QNNs baseline).
+
+Usage::
+
+    >>> import torch
+    >>> from pyro_bqn.architectures import Architecture
+    >>> x, y = torch.randn(40, 784), torch.randint(10, (40,))
+    >>> arch = Architecture("cnn", (1, 28, 28), 10, (4, 8, 16))
+    >>> ensemble = fit_ensemble(x, y, arch, num_members=2, epochs=1, batch_size=20,
+    ...                         progress=False)
+    >>> ensemble(x).shape
+    torch.Size([40, 10])
+"""
 
 from __future__ import annotations
 
@@ -9,8 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pyro_bqn.architectures import Architecture
 from pyro_bqn.baselines._checks import check_data, check_positive_int
-from pyro_bqn.baselines.ste import LevelsLike, ste_mlp, train_ste
+from pyro_bqn.baselines.mlp import mlp_architecture
+from pyro_bqn.baselines.ste import LevelsLike, ste_network, train_ste
 from pyro_bqn.baselines.training import predict_proba
 
 __all__ = ["QuantizedEnsemble", "fit_ensemble"]
@@ -45,7 +60,7 @@ class QuantizedEnsemble(nn.Module):
 def fit_ensemble(
     x: torch.Tensor,
     y: torch.Tensor,
-    sizes: Sequence[int],
+    architecture: Architecture | Sequence[int],
     levels: LevelsLike | None = None,
     *,
     num_members: int = 5,
@@ -59,23 +74,28 @@ def fit_ensemble(
     drawn with replacement) and its training run, so members differ in all three.
 
     :param x: inputs ``(N, ...)``; ``y``: labels ``(N,)``.
-    :param sizes: layer widths, see :func:`~pyro_bqn.baselines.ste_mlp`.
-    :param levels: weight levels, see :func:`~pyro_bqn.baselines.ste_mlp`.
+    :param architecture: the members' shape, an
+        :class:`~pyro_bqn.architectures.Architecture` or the widths of an MLP
+        ``(d_in, h_1, ..., d_out)``; each member is
+        :func:`~pyro_bqn.baselines.ste_network` of it.
+    :param levels: weight levels, see :func:`~pyro_bqn.baselines.ste_network`.
     :param num_members: ensemble size ``M``.
     :param bootstrap: resample the training set per member (``False``: every member sees
         all the data and differs only by seed).
-    :param train_kwargs: passed to :func:`~pyro_bqn.baselines.train` (``epochs``,
-        ``batch_size``, ``lr``, ``progress``, ...).
+    :param train_kwargs: passed to :func:`~pyro_bqn.baselines.train_ste` (``epochs``,
+        ``batch_size``, ``lr``, ``lr_schedule``, ``progress``, ...).
     """
     check_data(x, y)
     check_positive_int(num_members, "num_members")
+    if not isinstance(architecture, Architecture):
+        architecture = mlp_architecture(architecture)
     members = []
     for m in range(num_members):
         member_seed = seed + m
         generator = torch.Generator().manual_seed(member_seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(member_seed)
-            member = ste_mlp(sizes, levels)
+            member = ste_network(architecture, levels)
         if bootstrap:
             index = torch.randint(x.shape[0], (x.shape[0],), generator=generator)
             xm, ym = x[index], y[index]

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
+from pyro_bqn.architectures import Architecture
 from pyro_bqn.baselines import QuantizedEnsemble, fit_ensemble, predict_proba, ste_mlp
+from pyro_bqn.baselines.ste import STEConv2d
 from tests.baselines.conftest import accuracy
 
 
@@ -52,12 +54,27 @@ def test_forward_is_log_mean_probability():
     torch.testing.assert_close(QuantizedEnsemble(members)(x), expected)
 
 
+def test_members_of_a_cnn_architecture():
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 784), torch.randint(10, (24,))
+    arch = Architecture("cnn", (1, 28, 28), 10, (4, 8, 16))
+    ensemble = fit_ensemble(x, y, arch, num_members=2, epochs=1, batch_size=12, progress=False)
+    for member in ensemble.members:
+        assert member.architecture == arch and isinstance(member.conv1, STEConv2d)
+    logits = ensemble(x)
+    assert logits.shape == (24, 10)
+    logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in ensemble.parameters())
+
+
 def test_bad_arguments():
     x, y = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="num_members"):
         fit_ensemble(x, y, [3, 2], num_members=0)
     with pytest.raises(ValueError, match="members"):
         QuantizedEnsemble([])
+    with pytest.raises(ValueError, match="sizes"):
+        fit_ensemble(x, y, [3])
 
 
 @pytest.mark.parametrize("bootstrap", [True, False])
