@@ -13,6 +13,7 @@ from torch.nn.modules.utils import _pair
 from pyro_bqn.levels import LevelSet
 from pyro_bqn.moments import Moments
 from pyro_bqn.nn.quantized_layer import QuantizedLayer, add_bias, propagate
+from pyro_bqn.priors import PriorFactory
 
 __all__ = ["QuantizedConv2d"]
 
@@ -40,7 +41,7 @@ class QuantizedConv2d(QuantizedLayer):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         levels: LevelSet | Sequence[float] | torch.Tensor | None = None,
-        prior: TorchDistributionMixin | None = None,
+        prior: TorchDistributionMixin | PriorFactory | None = None,
         bias: bool = True,
         bias_prior_scale: float = 1.0,
     ) -> None:

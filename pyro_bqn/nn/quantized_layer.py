@@ -1,4 +1,5 @@
-"""The shared machinery of quantized weight layers: priors and moment propagation."""
+"""The shared machinery of quantized weight layers: priors built from the current levels,
+and moment propagation."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import torch
 from pyro.distributions.torch_distribution import TorchDistributionMixin
 from pyro.nn import PyroModule, PyroSample
 
-from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical
 from pyro_bqn.levels import LevelSet, from_values, ternary
 from pyro_bqn.moments import Moments, SiteMoments, moments_of, split_moments
+from pyro_bqn.priors import DistributionPrior, PriorFactory, as_prior_factory
 
 __all__ = ["QuantizedLayer", "propagate", "VARIANCE_FLOOR"]
 
@@ -89,25 +90,56 @@ def add_bias(
     return Moments(mean, var)
 
 
-def _base_distribution(prior: TorchDistributionMixin) -> TorchDistributionMixin:
-    while isinstance(prior, dist.Independent | dist.ExpandedDistribution):
-        prior = prior.base_dist
-    return prior
+def _weight_site_prior(layer: QuantizedLayer) -> TorchDistributionMixin:
+    """The weight site's prior, built at every call from the layer's current levels.
+
+    Bound to the site by ``PyroSample`` (a module-level function, so the layer pickles), it
+    dispatches to :meth:`QuantizedLayer.weight_prior`, so a subclass's override is used.
+    The levels are read here, inside the model's module context: that is what puts learnable
+    levels into Pyro's param store (and so in front of the optimiser).
+    """
+    level_set = layer.levels
+    values = level_set.values
+    prior = layer.checked_prior(layer.weight_prior(level_set), level_set, values)
+    return prior.expand(layer.weight_shape).to_event(len(layer.weight_shape))
+
+
+def _bias_site_prior(layer: QuantizedLayer) -> TorchDistributionMixin:
+    """``Normal(0, bias_prior_scale)`` over the ``C`` biases, with the dtype and device of
+    the layer's levels (so it follows ``model.to(...)``)."""
+    like = layer.levels.values.detach()
+    loc = like.new_zeros(layer.out_channels)
+    return dist.Normal(loc, layer.bias_prior_scale).to_event(1)
 
 
 class QuantizedLayer(PyroModule):
     """Base class of layers whose weight is a Pyro sample site over a level set.
 
-    ``weight`` has the prior ``prior.expand(weight_shape).to_event(len(weight_shape))``;
-    the optional ``bias`` is a real-valued site with prior
-    ``Normal(0, bias_prior_scale).expand([C]).to_event(1)``.
+    ``weight`` has the prior ``weight_prior(levels).expand(weight_shape).to_event(...)``,
+    built at every call from the layer's *current* levels (so it follows learnable levels
+    as they learn, and the layer's dtype and device); the optional ``bias`` is a real-valued
+    site with prior ``Normal(0, bias_prior_scale).expand([C]).to_event(1)``.
+
+    Learnable levels (:func:`pyro_bqn.levels.learnable`) are parameters of the model: the
+    layer reads them at every call, inside its module context, so they are in Pyro's param
+    store, move under :class:`~pyro.infer.SVI` and are saved by checkpoints and exported
+    networks. Give each layer its own copy (:meth:`~pyro_bqn.levels.LevelSet.copy`).
 
     :param weight_shape: shape of the weight tensor.
+    :param out_channels: ``C``, the number of biases.
     :param levels: the level set (a :class:`~pyro_bqn.levels.LevelSet` or a sequence of
-        values); default ternary ``{-1, 0, 1}``.
-    :param prior: a scalar-batch distribution over the levels (e.g. a
-        :class:`~pyro_bqn.distributions.QuantizedCategorical` with non-uniform ``probs``
-        or a :class:`~pyro_bqn.distributions.MultipleSpikeAndSlab`); default uniform.
+        values); default: the prior's levels, else ternary ``{-1, 0, 1}``.
+    :param prior: the weights' prior, one of
+
+        * ``None``: uniform over the levels;
+        * a prior factory, ``levels -> distribution`` (see :mod:`pyro_bqn.priors`, e.g.
+          ``priors.SpikeAndSlabPrior(slab_prob=0.05, spike_scale=0.02)``);
+        * a scalar-batch distribution over the levels (a
+          :class:`~pyro_bqn.distributions.QuantizedCategorical` or
+          :class:`~pyro_bqn.distributions.MultipleSpikeAndSlab`), whose weights are re-built
+          on the current levels at every call (:class:`~pyro_bqn.priors.DistributionPrior`).
+
+        A subclass may override :meth:`weight_prior` instead.
     :param bias: whether the layer has a bias.
     :param bias_prior_scale: standard deviation of the bias prior.
     """
@@ -117,45 +149,39 @@ class QuantizedLayer(PyroModule):
         weight_shape: Sequence[int],
         out_channels: int,
         levels: LevelSet | Sequence[float] | torch.Tensor | None = None,
-        prior: TorchDistributionMixin | None = None,
+        prior: TorchDistributionMixin | PriorFactory | None = None,
         bias: bool = True,
         bias_prior_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        self.levels = self._resolve_levels(levels, prior)
+        self.prior = as_prior_factory(prior)
+        self.levels = self._resolve_levels(levels, self.prior)
         self.weight_shape = torch.Size(weight_shape)
-        self._prior = prior
-        self.weight = PyroSample(QuantizedLayer._weight_prior)
+        self.out_channels = out_channels
+        self.weight = PyroSample(_weight_site_prior)
         if bias:
             if not bias_prior_scale > 0:
                 raise ValueError(f"bias_prior_scale must be positive, got {bias_prior_scale}")
-            loc = torch.zeros(out_channels)
-            self.bias = PyroSample(dist.Normal(loc, bias_prior_scale).to_event(1))
+            self.bias_prior_scale = float(bias_prior_scale)
+            self.bias = PyroSample(_bias_site_prior)
         else:
             self.bias = None
+        if type(self).weight_prior is QuantizedLayer.weight_prior:
+            # Refuse a prior that does not fit now, not at the first training step. (An
+            # override may need attributes its __init__ sets later: it is checked at its call.)
+            level_set = self.levels
+            with torch.no_grad():
+                self.checked_prior(self.weight_prior(level_set), level_set, level_set.values)
 
     @staticmethod
-    def _resolve_levels(levels, prior) -> LevelSet:
-        if prior is not None:
-            if (
-                not hasattr(prior, "batch_shape")
-                or _base_distribution(prior).batch_shape.numel() != 1
-            ):
-                raise ValueError("prior must be a distribution with a scalar batch shape")
-            prior_levels = getattr(_base_distribution(prior), "levels", None)
-            if prior_levels is None:
-                raise ValueError(
-                    f"prior must be a distribution over levels (QuantizedCategorical or "
-                    f"MultipleSpikeAndSlab), got {type(prior).__name__}"
-                )
-            if levels is None:
-                levels = getattr(_base_distribution(prior), "level_set", None) or prior_levels
+    def _resolve_levels(levels, prior: PriorFactory) -> LevelSet:
+        declared = prior.levels if isinstance(prior, DistributionPrior) else None
         if levels is None:
-            levels = ternary()
+            levels = ternary() if declared is None else declared
         if not isinstance(levels, LevelSet):
             levels = from_values(levels)
-        if prior is not None:
-            prior_levels = _base_distribution(prior).levels
+        if declared is not None:
+            prior_levels = declared.values if isinstance(declared, LevelSet) else declared
             if prior_levels.shape != levels.values.shape or not torch.equal(
                 prior_levels.detach(), levels.values.detach()
             ):
@@ -164,6 +190,68 @@ class QuantizedLayer(PyroModule):
                     f"{levels.values.tolist()}"
                 )
         return levels
+
+    def weight_prior(self, levels: LevelSet) -> TorchDistributionMixin:
+        """The prior of the weights over ``levels`` (the layer's level set, read at every
+        call): a distribution over those levels with a batch shape that broadcasts to
+        ``weight_shape`` (usually ``()``; the layer expands it).
+
+        Override it in a subclass for a prior of your own; build it on ``levels`` itself (not
+        on a copy of its values), so that it follows learnable levels. The default calls the
+        layer's prior factory.
+
+        Usage::
+
+            >>> from pyro_bqn import QuantizedLinear, levels
+            >>> from pyro_bqn.distributions import MultipleSpikeAndSlab
+            >>> class SparseLinear(QuantizedLinear):
+            ...     def weight_prior(self, levels):
+            ...         return MultipleSpikeAndSlab.with_uniform_spikes(levels, 0.01, 0.5)
+            >>> layer = SparseLinear(3, 2, levels=levels.ternary())
+        """
+        return self.prior(levels)
+
+    def checked_prior(
+        self, prior: TorchDistributionMixin, levels: LevelSet, values: torch.Tensor
+    ) -> TorchDistributionMixin:
+        """``prior`` if it is a distribution over ``levels`` (current values ``values``) with
+        a batch shape that broadcasts to ``weight_shape``.
+
+        :raises ValueError: naming what does not fit.
+        """
+        name = type(self).__name__
+        prior_values = getattr(prior, "levels", None)
+        if not isinstance(prior, torch.distributions.Distribution) or prior_values is None:
+            raise ValueError(
+                f"{name}.weight_prior must return a distribution over levels (e.g. "
+                f"QuantizedCategorical or MultipleSpikeAndSlab), got {type(prior).__name__}"
+            )
+        try:
+            fits = torch.broadcast_shapes(prior.batch_shape, self.weight_shape) == self.weight_shape
+        except RuntimeError:
+            fits = False
+        if prior.event_shape != () or not fits:
+            raise ValueError(
+                f"{name}.weight_prior must return a distribution with event shape () and a "
+                f"batch shape that broadcasts to the weight shape {tuple(self.weight_shape)}, "
+                f"got batch shape {tuple(prior.batch_shape)}, event shape "
+                f"{tuple(prior.event_shape)}"
+            )
+        if prior.level_set is levels:
+            return prior
+        if levels.learnable:
+            raise ValueError(
+                f"{name}.weight_prior must build the prior on the layer's level set itself "
+                "(its values would go stale as the learnable levels learn)"
+            )
+        if prior_values.shape != values.shape or not torch.equal(
+            prior_values.detach(), values.detach()
+        ):
+            raise ValueError(
+                f"prior levels {prior_values.tolist()} differ from the layer's levels "
+                f"{values.tolist()}"
+            )
+        return prior
 
     def sampled_weight(self) -> torch.Tensor | SiteMoments:
         """The weight site's value (a tensor or the posterior's moments), shape-checked.
@@ -181,14 +269,3 @@ class QuantizedLayer(PyroModule):
                 "Trace_ELBO(vectorize_particles=False) to train with several particles"
             )
         return weight
-
-    def _weight_prior(self) -> TorchDistributionMixin:
-        if self._prior is None:
-            values = self.levels.values
-            logits = values.new_zeros(values.shape)
-            # Zero logits are valid by construction, and log_prob refuses a value off the
-            # levels by itself; validating would cost more than the rest of this method.
-            base = QuantizedCategorical(self.levels, logits=logits, validate_args=False)
-        else:
-            base = self._prior
-        return base.expand(self.weight_shape).to_event(len(self.weight_shape))

@@ -11,6 +11,7 @@ from pyro.distributions.torch_distribution import TorchDistributionMixin
 from pyro_bqn.levels import LevelSet
 from pyro_bqn.moments import Moments
 from pyro_bqn.nn.quantized_layer import QuantizedLayer, add_bias, propagate
+from pyro_bqn.priors import PriorFactory
 
 __all__ = ["QuantizedLinear"]
 
@@ -37,7 +38,7 @@ class QuantizedLinear(QuantizedLayer):
         in_features: int,
         out_features: int,
         levels: LevelSet | Sequence[float] | torch.Tensor | None = None,
-        prior: TorchDistributionMixin | None = None,
+        prior: TorchDistributionMixin | PriorFactory | None = None,
         bias: bool = True,
         bias_prior_scale: float = 1.0,
     ) -> None:

@@ -1,17 +1,29 @@
+import math
+
 import pyro
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pyro.infer import SVI
+from pyro.nn import PyroModule
 
-from pyro_bqn.distributions import QuantizedCategorical
-from pyro_bqn.levels import binary, ternary, uniform
+from pyro_bqn.distributions import (
+    MomentCategorical,
+    MomentNormal,
+    MultipleSpikeAndSlab,
+    QuantizedCategorical,
+)
+from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO
+from pyro_bqn.levels import binary, learnable, ternary, uniform
 from pyro_bqn.moments import Moments, SiteMoments
 from pyro_bqn.nn.gaussian import normal_cdf
 from pyro_bqn.nn.quantized_conv import QuantizedConv2d
 from pyro_bqn.nn.quantized_layer import propagate
 from pyro_bqn.nn.quantized_linear import QuantizedLinear
+from pyro_bqn.priors import SpikeAndSlabPrior, base_distribution
+from tests.infer.models import linear_classes
 from tests.mc import assert_mean_var_match
 
 LEVEL_SETS = {"binary": binary, "ternary": ternary, "2bit": lambda: uniform(2)}
@@ -201,3 +213,193 @@ def test_wrong_input_shapes_are_named():
         QuantizedConv2d(2, 3, 3)(torch.randn(1, 3, 5, 5))
     with pytest.raises(ValueError, match="divisible by groups"):
         QuantizedConv2d(3, 4, 3, groups=2)
+
+
+# --- priors from the current levels; learnable levels as model parameters -------------------
+
+
+class OneLayer(PyroModule):
+    """``QuantizedLinear(4, 2)`` with the given levels and prior, categorical likelihood."""
+
+    def __init__(self, levels=None, prior=None):
+        super().__init__()
+        self.fc = QuantizedLinear(4, 2, levels=levels, prior=prior)
+
+    def forward(self, x, y=None):
+        logits = self.fc(x)
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", MomentCategorical(logits=logits), obs=y)
+
+
+def _spike_and_slab_model():
+    level_set = learnable([-1.0, -0.2, 0.4, 1.2])
+    prior = MultipleSpikeAndSlab.with_uniform_spikes(level_set, 0.1, 1.0)
+    return OneLayer(level_set, prior), level_set
+
+
+def _site_prior(model, x, name="fc.weight"):
+    trace = pyro.poutine.trace(model).get_trace(x)
+    return base_distribution(trace.nodes[name]["fn"]), trace
+
+
+@pytest.mark.filterwarnings("ignore::pyro_bqn.distributions.InertPriorWarning")
+def test_learnable_levels_with_a_given_prior_are_model_parameters_that_learn():
+    # Issue 12: with an explicit prior only the guide read the levels, outside the model's
+    # module context, so they never reached the param store and never moved.
+    x, y = linear_classes(64, 4, 2, seed=3)
+    model, level_set = _spike_and_slab_model()
+    init = level_set.values.detach().clone()
+    guide = AutoQuantizedGuide(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), DeterministicELBO())
+    for _ in range(20):
+        svi.step(x, y)
+    store = pyro.get_param_store()
+    assert {"fc.levels.first", "fc.levels.raw_gaps"} <= set(store.keys())
+    assert store["fc.levels.first"] is level_set.first
+    learned = level_set.values.detach()
+    assert not torch.allclose(learned, init, atol=1e-2), learned
+
+
+@pytest.mark.filterwarnings("ignore::pyro_bqn.distributions.InertPriorWarning")
+def test_the_prior_is_built_from_the_levels_as_they_are_now():
+    # Issue 12: the prior kept a copy of the levels made at construction, so the KL refused
+    # the first step after they moved ("needs both distributions on the same levels").
+    x, y = linear_classes(16, 4, 2, seed=3)
+    model, level_set = _spike_and_slab_model()
+    guide = AutoQuantizedGuide(model)
+    guide(x, y)
+    with torch.no_grad():
+        level_set.first.sub_(0.5)
+        level_set.raw_gaps.add_(0.2)
+    loss = DeterministicELBO().loss(model, guide, x, y)
+    assert math.isfinite(loss)
+    prior, _ = _site_prior(model, x)
+    assert prior.level_set is level_set
+    assert torch.equal(prior.levels.detach(), level_set.values.detach())
+    # The prior's weights are the given distribution's.
+    torch.testing.assert_close(prior.spike_probs, torch.full((2, 4, 4), 0.225))
+
+
+def test_a_subclass_overrides_the_weight_prior():
+    # Issue 12: the weight's PyroSample was bound to QuantizedLayer._weight_prior itself.
+    class SparseLinear(QuantizedLinear):
+        def __init__(self, *args, zero_mass, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.zero_mass = zero_mass  # set after the base class: checked at the call
+
+        def weight_prior(self, levels):
+            probs = torch.full((3,), (1 - self.zero_mass) / 2)
+            probs[1] = self.zero_mass
+            return QuantizedCategorical(levels, probs=probs)
+
+    layer = SparseLinear(4, 2, zero_mass=0.8)
+    prior, _ = _site_prior(layer, torch.randn(3, 4), "weight")
+    torch.testing.assert_close(prior.probs, torch.tensor([0.1, 0.8, 0.1]).expand(2, 4, 3))
+
+
+def test_an_override_may_give_each_output_its_own_prior():
+    class RowPriors(QuantizedLinear):
+        def weight_prior(self, levels):
+            slab = torch.tensor([[0.05], [0.3]])
+            return MultipleSpikeAndSlab.with_uniform_spikes(levels, slab, 1.0)
+
+    layer = RowPriors(4, 2, levels=uniform(2))
+    prior, trace = _site_prior(layer, torch.randn(3, 4), "weight")
+    assert prior.batch_shape == (2, 4)
+    torch.testing.assert_close(prior.slab_prob[:, 0], torch.tensor([0.05, 0.3]))
+    assert trace.nodes["weight"]["fn"].event_shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (lambda self, levels: pyro.distributions.Normal(0.0, 1.0), "distribution over levels"),
+        (lambda self, levels: QuantizedCategorical(levels, logits=torch.zeros(3, 3, 3)),
+         r"broadcasts to the weight shape \(2, 4\)"),
+        (lambda self, levels: QuantizedCategorical(levels.values, logits=torch.zeros(3)),
+         "on the layer's level set itself"),
+    ],
+    ids=["not-levels", "batch-shape", "copy-of-learnable-values"],
+)
+def test_a_prior_that_does_not_fit_is_refused_at_the_call(override, match):
+    layer_type = type("Custom", (QuantizedLinear,), {"weight_prior": override})
+    layer = layer_type(4, 2, levels=learnable([-1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(3, 4))
+
+
+def test_a_prior_on_equal_fixed_values_is_accepted_and_other_values_refused():
+    layer_type = type("Custom", (QuantizedLinear,), {
+        "weight_prior": lambda self, levels: QuantizedCategorical(
+            torch.tensor([-1.0, 0.0, 1.0]), logits=torch.zeros(3))})
+    assert layer_type(4, 2)(torch.randn(3, 4)).shape == (3, 2)
+    with pytest.raises(ValueError, match="differ from the layer's levels"):
+        layer_type(4, 2, levels=[-1.0, 0.5, 1.0])(torch.randn(3, 4))
+
+
+def test_a_prior_factory_is_called_with_the_layers_levels():
+    level_set = learnable([-1.0, 0.0, 0.5, 2.0])
+    layer = QuantizedLinear(4, 2, levels=level_set,
+                            prior=SpikeAndSlabPrior(slab_prob=0.2, slab_scale=3.0,
+                                                    spike_scale=0.01))
+    assert layer.prior == SpikeAndSlabPrior(0.2, 3.0, 0.01)
+    prior, _ = _site_prior(layer, torch.randn(3, 4), "weight")
+    assert isinstance(prior, MultipleSpikeAndSlab) and prior.level_set is level_set
+    assert prior.slab_scale[0, 0].item() == 3.0
+    with pytest.raises(ValueError, match="must be non-negative and sum to one"):
+        QuantizedLinear(4, 2, levels=level_set,
+                        prior=lambda levels: MultipleSpikeAndSlab.with_uniform_spikes(
+                            levels, 1.5, 1.0))
+
+
+@pytest.mark.parametrize("prior", [None, "distribution", "factory"])
+def test_priors_follow_the_layers_dtype(prior):
+    # Issue 12: the bias prior was built on the CPU, in the default dtype, at construction;
+    # model.to(...) now moves every prior, since they are built from the layer's tensors.
+    ternary_levels = ternary()
+    given = {
+        None: None,
+        "distribution": QuantizedCategorical(ternary_levels, probs=torch.tensor([0.2, 0.5, 0.3])),
+        "factory": SpikeAndSlabPrior(0.1, 1.0, 0.02),
+    }[prior]
+    layer = QuantizedConv2d(2, 3, 3, levels=ternary_levels, prior=given).double()
+    trace = pyro.poutine.trace(layer).get_trace(torch.randn(1, 2, 5, 5, dtype=torch.float64))
+    for name in ("weight", "bias"):
+        fn = trace.nodes[name]["fn"]
+        assert fn.mean.dtype == torch.float64, name
+        assert trace.nodes[name]["value"].dtype == torch.float64, name
+    assert trace.nodes["bias"]["fn"].event_shape == (3,)
+
+
+def test_learned_asymmetric_levels_beat_fixed_uniform_levels():
+    # Weights on asymmetric levels: uniform 2-bit levels cannot represent them, learnable
+    # levels starting there move towards them and the loss drops below the fixed levels'.
+    gen = torch.Generator().manual_seed(0)
+    true_levels = torch.tensor([-0.3, 0.1, 0.5, 2.0])
+    w = true_levels[torch.arange(12) % 4]
+    x = torch.randn(256, 12, generator=gen)
+    y = x @ w + 0.05 * torch.randn(256, generator=gen)
+
+    class Regression(PyroModule):
+        def __init__(self, levels):
+            super().__init__()
+            self.fc = QuantizedLinear(12, 1, levels=levels, bias=False)
+
+        def forward(self, x, y=None):
+            loc = self.fc(x)[..., 0]
+            with pyro.plate("data", x.shape[0]):
+                return pyro.sample("obs", MomentNormal(loc, 0.1), obs=y)
+
+    final = {}
+    for name, level_set in (("fixed", uniform(2)), ("learnable", learnable(uniform(2).values))):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model = Regression(level_set)
+        guide = AutoQuantizedGuide(model)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), DeterministicELBO())
+        final[name] = [svi.step(x, y) for _ in range(150)][-1]
+    # The fixed levels have settled (their loss changes by ~1% over the last 30 steps).
+    assert final["learnable"] < 0.25 * final["fixed"], final
+    learned = level_set.values.detach()
+    assert learned[-1] > 1.5  # the level that 2.0 needs
+    assert (learned.diff() > 0).all()
