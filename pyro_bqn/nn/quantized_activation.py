@@ -18,7 +18,7 @@ from pyro.nn import PyroModule
 from torch.autograd.function import once_differentiable
 
 from pyro_bqn import native
-from pyro_bqn.levels import LevelSet, check_levels
+from pyro_bqn.levels import LearnableThresholds, LevelSet, check_levels
 from pyro_bqn.moments import Moments, split_moments
 from pyro_bqn.nn.gaussian import normal_cdf, safe_std, standardize, variance_floor
 
@@ -247,20 +247,39 @@ class QuantizedActivation(PyroModule):
     * **Tensor in** (a sampled or most-probable network): the step function, elementwise,
       with the straight-through gradient of ``clamp(h, a_1, a_M)`` (for :class:`Sign`,
       hardtanh's: pass the gradient where ``|h| <= 1``, as in Binarized Neural Networks).
-      Learnable output values receive their ordinary gradient.
+      Learnable output values receive their ordinary gradient; thresholds receive none (a
+      step has no derivative in its threshold).
     * **Moments in** (``h ~ N(mu, s^2)``, independent entries): the mean and variance of
       ``a(h)``; see :func:`quantized_activation_moments`. For two values ``(-c, c)`` that
       are not learnable (e.g. :class:`Sign`) the result also carries the constant second
       moment ``E[a^2] = c^2`` (a 0-dim tensor), which saves a product in the next layer.
 
+    **Learned partitions.** With ``learn_thresholds=True`` the thresholds are parameters of
+    the model (a :class:`~pyro_bqn.levels.LearnableThresholds`, in Pyro's param store once
+    the model runs), learned with the moment rule's analytic gradients
+    ``dE[a]/dt_j = -(a_{j+1} - a_j) phi((t_j - mu)/s) / s`` (and those of the variance): the
+    asymmetric partitions of M-ary quantization (Chien & Chang, *Pattern Recognition* 139,
+    2023), with learnable levels the representation values.
+
     Input and output have the same shape (any shape).
+
+    Usage::
+
+        >>> import torch
+        >>> from pyro_bqn import levels
+        >>> from pyro_bqn.moments import Moments
+        >>> act = QuantizedActivation(levels.learnable([-1.0, 0.0, 0.5, 2.0]),
+        ...                           learn_thresholds=True)
+        >>> out = act(Moments(torch.zeros(3), torch.ones(3)))
+        >>> out.mean.sum().backward()  # gradients reach the levels and the thresholds
 
     :param levels: the output values as a :class:`~pyro_bqn.levels.LevelSet` (a learnable
         one is learned with the model).
-    :param thresholds: ``(M - 1,)`` strictly increasing thresholds; default: the midpoints
-        between neighbouring output values.
+    :param thresholds: ``(M - 1,)`` strictly increasing thresholds (the initial ones, when
+        learned); default: the midpoints between neighbouring output values.
     :param values: the output values as a strictly increasing ``(M,)`` tensor or sequence,
         instead of ``levels``.
+    :param learn_thresholds: learn the thresholds (see above).
     """
 
     def __init__(
@@ -268,6 +287,7 @@ class QuantizedActivation(PyroModule):
         levels: LevelSet | None = None,
         thresholds: torch.Tensor | Sequence[float] | None = None,
         values: torch.Tensor | Sequence[float] | None = None,
+        learn_thresholds: bool = False,
     ) -> None:
         super().__init__()
         if (levels is None) == (values is None):
@@ -290,6 +310,12 @@ class QuantizedActivation(PyroModule):
                     f"{levels.num_levels} values and {thresholds.numel()} thresholds"
                 )
             thresholds = thresholds.clone()
+        if learn_thresholds:
+            initial = levels.thresholds.detach() if thresholds is None else thresholds
+            self.learned_thresholds = LearnableThresholds(initial)
+            thresholds = None
+        else:
+            self.learned_thresholds = None
         self.register_buffer("_thresholds", thresholds)
 
     @property
@@ -299,7 +325,10 @@ class QuantizedActivation(PyroModule):
 
     @property
     def thresholds(self) -> torch.Tensor:
-        """The thresholds ``(t_1, ..., t_{M-1})``, shape ``(M - 1,)``."""
+        """The thresholds ``(t_1, ..., t_{M-1})``, shape ``(M - 1,)``: learned, fixed, or the
+        midpoints between the current output values."""
+        if self.learned_thresholds is not None:
+            return self.learned_thresholds.values
         return self.levels.thresholds if self._thresholds is None else self._thresholds
 
     def forward(self, x: torch.Tensor | Moments) -> torch.Tensor | Moments:

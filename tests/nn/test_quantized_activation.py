@@ -450,3 +450,131 @@ def test_the_symmetry_check_follows_the_current_values():
     learned = QuantizedActivation(levels=learnable([-1.0, 1.0]))
     with torch.no_grad():  # values that do not require grad, as in evaluation
         assert learned(Moments(mean, var)).constant_second_moment is None
+
+
+# --- learned thresholds (partitions) -------------------------------------------------------
+
+Z_MC = 5.0  # tolerance in standard errors
+
+
+def _activation_inputs(num_values, seed):
+    gen = torch.Generator().manual_seed(seed)
+    values = _sorted_distinct(gen, num_values, -1.0, 2.0)
+    thresholds = _sorted_distinct(gen, num_values - 1, -1.5, 1.5)
+    mean = 1.5 * torch.randn(4, generator=gen, dtype=torch.float64)
+    var = 0.05 + torch.rand(4, generator=gen, dtype=torch.float64)
+    return values, thresholds, mean, var
+
+
+def _first_and_second_moments(mean, var, values, thresholds):
+    out_mean, out_var = quantized_activation_moments(mean, var, values, thresholds)
+    return out_mean, out_var + out_mean.square()
+
+
+@settings(max_examples=15, deadline=None)
+@given(num_values=st.integers(2, 5), seed=st.integers(0, 2**16))
+def test_threshold_gradients_match_finite_differences(num_values, seed):
+    values, thresholds, mean, var = _activation_inputs(num_values, seed)
+    thresholds.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda t: quantized_activation_moments(mean, var, values, t), (thresholds,)
+    )
+
+
+@settings(max_examples=8, deadline=None)
+@given(num_values=st.integers(2, 4), seed=st.integers(0, 2**16))
+def test_threshold_gradients_match_monte_carlo(num_values, seed):
+    """``d E[a]/d t_j`` and ``d E[a^2]/d t_j`` against Monte Carlo central differences on
+    common samples ``h``: only samples within ``delta`` of ``t_j`` change, so the estimate
+    is a band count. The tolerance is ``Z`` standard errors of its mean, plus the exact
+    central-difference bias of the moment rule itself, plus the rare-event slack: a band of
+    probability below 10 / S may hold no sample, which moves the estimate by at most
+    ``jump * 10 / (S * 2 delta)``."""
+    values, thresholds, mean, var = _activation_inputs(num_values, seed)
+    num_samples, delta = 100_000, 0.02
+    gen = torch.Generator().manual_seed(seed + 1)
+    h = mean + var.sqrt() * torch.randn(num_samples, 4, generator=gen, dtype=torch.float64)
+    t = thresholds.clone().requires_grad_()
+    analytic = _first_and_second_moments(mean, var, values, t)
+    for j in range(num_values - 1):
+        step = torch.zeros_like(thresholds)
+        step[j] = delta
+
+        def outputs(shift, samples=h):
+            index = torch.bucketize(samples, thresholds + shift, right=True)
+            return values[index], values[index].square()
+
+        upper, lower = outputs(step), outputs(-step)
+        exact_upper = _first_and_second_moments(mean, var, values, thresholds + step)
+        exact_lower = _first_and_second_moments(mean, var, values, thresholds - step)
+        for k in range(2):
+            (gradient,) = torch.autograd.grad(analytic[k].sum(), t, retain_graph=True)
+            derivative = torch.stack([
+                torch.autograd.grad(analytic[k][i], t, retain_graph=True)[0][j]
+                for i in range(4)
+            ])
+            assert torch.allclose(derivative.sum(), gradient[j])
+            estimate = (upper[k] - lower[k]) / (2 * delta)
+            bias = ((exact_upper[k] - exact_lower[k]) / (2 * delta) - derivative).abs()
+            jump = (values[j + 1] ** (k + 1) - values[j] ** (k + 1)).abs()
+            slack = jump * 10 / (num_samples * 2 * delta)
+            tol = Z_MC * estimate.std(0) / num_samples**0.5 + bias + slack
+            assert ((estimate.mean(0) - derivative).abs() <= tol).all(), (j, k)
+
+
+def test_learned_thresholds_start_at_the_given_or_midpoint_values():
+    level_set = uniform(2)
+    act = QuantizedActivation(level_set, learn_thresholds=True)
+    torch.testing.assert_close(act.thresholds.detach(), level_set.thresholds)
+    given_thresholds = QuantizedActivation(level_set, thresholds=[-0.5, 0.1, 0.2],
+                                           learn_thresholds=True)
+    torch.testing.assert_close(given_thresholds.thresholds.detach(),
+                               torch.tensor([-0.5, 0.1, 0.2]))
+    names = {name for name, _ in given_thresholds.named_parameters()}
+    assert names == {"learned_thresholds.first", "learned_thresholds.raw_gaps"}
+    assert QuantizedActivation(level_set).learned_thresholds is None
+
+
+def test_learned_thresholds_are_model_parameters_that_learn():
+    import pyro
+    from pyro.infer import SVI
+    from pyro.nn import PyroModule
+
+    from pyro_bqn.distributions import MomentNormal
+    from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO
+
+    class Model(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.act = QuantizedActivation(learnable([-1.0, 0.0, 1.0, 2.0]),
+                                           learn_thresholds=True)
+
+        def forward(self, x, y=None):
+            # x are the moments of an input; the target is a step at other thresholds.
+            out = self.act(Moments(x, torch.full_like(x, 0.01)))
+            with pyro.plate("data", x.shape[0]):
+                return pyro.sample("obs", MomentNormal(out, 0.1), obs=y)
+
+    x = torch.linspace(-3.0, 3.0, 200)
+    y = torch.tensor([-1.0, 0.0, 1.0, 2.0])[torch.bucketize(x, torch.tensor([-1.2, 0.9, 1.4]),
+                                                            right=True)]
+    model = Model()
+    before = model.act.thresholds.detach().clone()
+    svi = SVI(model, AutoQuantizedGuide(model), pyro.optim.Adam({"lr": 0.05}),
+              DeterministicELBO())
+    for _ in range(100):
+        svi.step(x, y)
+    assert "act.learned_thresholds.first" in pyro.get_param_store()
+    learned = model.act.thresholds.detach()
+    torch.testing.assert_close(learned, torch.tensor([-1.2, 0.9, 1.4]), atol=0.1, rtol=0.0)
+    assert not torch.allclose(learned, before, atol=0.1)
+
+
+def test_tensor_mode_uses_learned_thresholds_without_a_gradient_for_them():
+    act = QuantizedActivation(values=[-1.0, 0.0, 1.0], thresholds=[-0.2, 0.7],
+                              learn_thresholds=True)
+    x = torch.tensor([-0.3, -0.2, 0.6, 0.7], requires_grad=True)
+    out = act(x)
+    assert torch.equal(out.detach(), torch.tensor([-1.0, 0.0, 0.0, 1.0]))
+    out.sum().backward()
+    assert act.learned_thresholds.first.grad is None
