@@ -10,6 +10,7 @@ from pyro.nn import PyroModule, PyroSample
 
 from pyro_bqn import levels as qlevels
 from pyro_bqn.distributions.moment_likelihoods import MomentCategorical
+from pyro_bqn.distributions.multiple_spike_and_slab import MultipleSpikeAndSlab
 from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical
 from pyro_bqn.distributions.relaxed_quantized_categorical import (
     RelaxedQuantizedCategorical,
@@ -18,6 +19,7 @@ from pyro_bqn.distributions.relaxed_quantized_categorical import (
 from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO, predict
 from pyro_bqn.models import QuantizedMLP
 from pyro_bqn.nn.quantized_linear import QuantizedLinear
+from pyro_bqn.priors import SpikeAndSlabPrior
 from tests.infer.models import Classifier, linear_classes
 
 TERNARY = torch.tensor([-1.0, 0.0, 1.0])
@@ -298,3 +300,136 @@ def test_guide_first_built_without_labels_covers_only_the_weights():
     probs = predict(model, guide, torch.randn(5, 6))
     assert probs.shape == (5, 3)
     assert "obs" not in guide.median()
+
+
+# --- partition and spike-and-slab posteriors ------------------------------------------------
+
+
+class PriorLayer(PyroModule):
+    """``QuantizedLinear(4, 3)`` with the given levels and prior, categorical likelihood."""
+
+    def __init__(self, levels, prior=None):
+        super().__init__()
+        self.fc = QuantizedLinear(4, 3, levels=levels, prior=prior)
+
+    def forward(self, x, y=None):
+        logits = self.fc(x)
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", MomentCategorical(logits=logits), obs=y)
+
+
+ASYMMETRIC = [-1.0, -0.2, 0.4, 1.2]
+
+
+def _trained(posterior, prior=None, steps=30, level_set=None, seed=0, **guide_kwargs):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    x, y = linear_classes(64, 4, 3, seed=3)
+    model = PriorLayer(level_set or qlevels.learnable(ASYMMETRIC), prior)
+    guide = AutoQuantizedGuide(model, posterior=posterior, **guide_kwargs)
+    elbo = DeterministicELBO()
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), elbo)
+    losses = [svi.step(x, y) for _ in range(steps)]
+    return model, guide, losses, x, y
+
+
+def test_partition_posterior_is_a_latent_gaussian_quantized_by_learned_partitions():
+    w0 = torch.tensor([[-0.9, -0.3, 0.5, 1.0]] * 3)
+    model, guide, _, x, y = _trained("partition", steps=0, init_weights={"fc.weight": w0},
+                                     init_scale=0.2)
+    guide(x, y)
+    store = pyro.get_param_store()
+    assert store["AutoQuantizedGuide.latent_locs.fc.weight"].shape == (3, 4)
+    assert "AutoQuantizedGuide.partitions.fc.weight.first" in store
+    midpoints = torch.tensor([-0.6, 0.1, 0.8])
+    torch.testing.assert_close(guide.partitions_of("fc.weight").detach(), midpoints)
+    posterior = guide.exact_posterior("fc.weight")
+    assert type(posterior) is QuantizedCategorical and posterior.batch_shape == (3, 4)
+    # q_k = Phi((t_k - m)/s) - Phi((t_{k-1} - m)/s) with m = w0, s = init_scale.
+    normal = torch.distributions.Normal(w0, 0.2)
+    edges = [-math.inf, *midpoints.tolist(), math.inf]
+    expected = torch.stack([normal.cdf(torch.tensor(edges[k + 1])) -
+                            normal.cdf(torch.tensor(edges[k])) for k in range(4)], -1)
+    torch.testing.assert_close(posterior.probs, expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(guide.median()["fc.weight"][0], model.fc.levels.values.detach())
+    with pytest.raises(ValueError, match="without partitions"):
+        _trained("categorical", steps=0)[1].partitions_of("fc.weight")
+
+
+def test_partition_posterior_learns_its_partitions_and_the_levels():
+    model, guide, losses, x, y = _trained("partition", steps=40)
+    assert losses[-1] < losses[0]
+    partitions = guide.partitions_of("fc.weight").detach()
+    assert not torch.allclose(partitions, torch.tensor([-0.6, 0.1, 0.8]), atol=1e-3)
+    assert (partitions.diff() > 0).all()
+    assert not torch.allclose(model.fc.levels.values.detach(), torch.tensor(ASYMMETRIC),
+                              atol=1e-3)
+    # It is a categorical posterior: draws are levels; a temperature relaxes it.
+    assert torch.isin(guide(x, y)["fc.weight"], model.fc.levels.values.detach()).all()
+    guide.temperature = 0.5
+    assert isinstance(guide.get_posterior("fc.weight").base_dist,
+                      RelaxedQuantizedCategoricalStraightThrough)
+
+
+def test_spike_and_slab_posterior_parameters_and_distribution():
+    prior = SpikeAndSlabPrior(slab_prob=0.1, slab_scale=1.0, spike_scale=0.02)
+    model, guide, _, x, y = _trained("spike-and-slab", prior, steps=0)
+    guide(x, y)
+    store = pyro.get_param_store()
+    assert store["AutoQuantizedGuide.logits.fc.weight"].shape == (5, 3, 4)  # K + 1 first
+    assert store["AutoQuantizedGuide.slab_locs.fc.weight"].shape == (3, 4)
+    assert store["AutoQuantizedGuide.slab_scales.fc.weight"].shape == (3, 4)
+    assert store["AutoQuantizedGuide.spike_scales.fc.weight"].item() == pytest.approx(0.02)
+    posterior = guide.exact_posterior("fc.weight")
+    assert isinstance(posterior, MultipleSpikeAndSlab) and posterior.batch_shape == (3, 4)
+    assert posterior.level_set is model.fc.levels
+    torch.testing.assert_close(posterior.slab_prob, torch.full((3, 4), 0.1))
+    assert guide.site_logits("fc.weight").shape == (3, 4, 5)
+    # Point-mass prior spikes: point-mass posterior spikes, without a width parameter.
+    _, point, _, _, _ = _trained("spike-and-slab", SpikeAndSlabPrior(0.1, 1.0), steps=1)
+    assert point.exact_posterior("fc.weight").point_mass
+    assert "AutoQuantizedGuide.spike_scales.fc.weight" not in pyro.get_param_store()
+
+
+@pytest.mark.parametrize("spike_scale", [0.0, 0.02])
+def test_the_slab_and_spike_width_change_the_objective(spike_scale):
+    # Issue 12: slab_scale and spike_scale never changed training (identical logits to 7
+    # digits). With the spike-and-slab posterior each changes the loss and the training.
+    base = {"slab_prob": 0.1, "slab_scale": 1.0, "spike_scale": spike_scale}
+    other = {"slab_scale": 4.0} if spike_scale == 0 else {"spike_scale": 0.08}
+    runs = [_trained("spike-and-slab", SpikeAndSlabPrior(**{**base, **change}), steps=10)
+            for change in ({}, other)]
+    assert abs(runs[0][2][-1] - runs[1][2][-1]) > 1e-2
+    logits = [guide.site_logits("fc.weight").detach() for _, guide, *_ in runs]
+    assert not torch.allclose(logits[0], logits[1], atol=1e-4)
+
+
+def test_spike_and_slab_median_keeps_outliers_at_full_precision():
+    prior = SpikeAndSlabPrior(slab_prob=0.1)
+    model, guide, _, x, y = _trained("spike-and-slab", prior, steps=2)
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        store["AutoQuantizedGuide.logits.fc.weight"][4, 1, 2] = 50.0  # slab of weight [1, 2]
+        store["AutoQuantizedGuide.slab_locs.fc.weight"][1, 2] = 2.345
+    median = guide.median()["fc.weight"]
+    levels = model.fc.levels.values.detach()
+    on_level = (median.unsqueeze(-1) == levels).any(-1)
+    assert median[1, 2].item() == pytest.approx(2.345) and not on_level[1, 2]
+    assert on_level.sum() == 11
+    draws = torch.stack([guide(x, y)["fc.weight"] for _ in range(50)])
+    assert not (draws[:, 1, 2].unsqueeze(-1) == levels).any()
+
+
+def test_posterior_kinds_are_checked():
+    with pytest.raises(ValueError, match="posterior must be one of"):
+        AutoQuantizedGuide(PriorLayer(qlevels.ternary()), posterior="gaussian")
+    with pytest.raises(ValueError, match="no relaxed form"):
+        AutoQuantizedGuide(PriorLayer(qlevels.ternary(), SpikeAndSlabPrior()),
+                           posterior="spike-and-slab", temperature=0.5)
+    x, y = linear_classes(8, 4, 3, seed=0)
+    no_slab = (SpikeAndSlabPrior(slab_prob=0.0), "MultipleSpikeAndSlab with slab_prob 0.0")
+    for prior, found in ((None, "QuantizedCategorical"), no_slab):
+        guide = AutoQuantizedGuide(PriorLayer(qlevels.ternary(), prior),
+                                   posterior="spike-and-slab")
+        with pytest.raises(ValueError, match=f"slab_prob > 0 at site 'fc.weight', got {found}"):
+            guide(x, y)
