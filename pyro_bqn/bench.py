@@ -1,19 +1,32 @@
-"""The headline benchmark: the sampling-free BQN against its peers on one architecture.
+"""The headline benchmark: the sampling-free BQN against the methods of the papers it
+implements, on one architecture (an MLP or a LeNet-style CNN).
 
-Every method trains the same ``sizes`` network on the same split and is scored on the test
-set by :func:`~pyro_bqn.diagnostics.calibration_report`. Results are aggregated as
-mean ± standard deviation over seeds and written as JSON, a Markdown table and a plot.
+Each method is one :class:`Method` entry of :data:`METHODS`: what it trains, how it
+predicts, how its size is counted, the settings it runs with and the knobs ``--tune``
+sweeps. Every method trains the same :class:`~pyro_bqn.architectures.Architecture` on the
+same split and is scored on the test set by
+:func:`~pyro_bqn.diagnostics.calibration_report`; results are aggregated as mean ±
+standard deviation over seeds and written as JSON, a Markdown table and a plot.
+
+**Settings.** A method's settings (its learning rate and one or two key knobs) are the
+defaults recorded in its entry, chosen by :func:`tune` on a validation split carved from
+the training data (never the test split), or chosen afresh by ``pyro-bqn bench --tune``.
+``bench.md`` lists the settings each row used.
+
+Adding a method means adding one entry to :data:`METHODS`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pyro
 import torch
@@ -21,6 +34,7 @@ from matplotlib.figure import Figure
 from pyro.infer import Trace_ELBO
 
 from pyro_bqn import baselines
+from pyro_bqn.architectures import TORCH_LAYERS, Architecture
 from pyro_bqn.atomic_files import write_text
 from pyro_bqn.data import Dataset
 from pyro_bqn.diagnostics import calibration_report, nll, save_figure
@@ -28,40 +42,90 @@ from pyro_bqn.infer import (
     AutoQuantizedGuide,
     ScaleLatentsMessenger,
     fit,
+    most_probable_sparsity,
     predict,
     predict_by_sampling,
+    zero_share,
 )
 from pyro_bqn.levels import LevelSet
-from pyro_bqn.models import QuantizedMLP
+from pyro_bqn.models import QuantizedClassifier
+from pyro_bqn.results import markdown_table
 
-__all__ = ["BenchConfig", "MethodRun", "METHODS", "run_method", "summarise", "write_report"]
+__all__ = [
+    "BenchConfig",
+    "METHODS",
+    "Method",
+    "MethodRun",
+    "Trained",
+    "run_method",
+    "summarise",
+    "tune",
+    "write_report",
+]
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What every method shares. ``kl_weight`` tempers the Bayesian methods alike; ``lr`` is
-    the learning rate of the quantized posterior's logits (BQN and MC-ELBO, which share the
-    model and guide); the other baselines keep the rates their own defaults were tuned at."""
+    """What every method shares. ``kl_weight`` tempers the Bayesian methods alike;
+    ``settings`` overrides a method's recorded settings (``{method: {knob: value}}``, e.g.
+    from :func:`tune`)."""
 
-    sizes: tuple[int, ...]
+    architecture: Architecture
     levels: LevelSet
     epochs: int = 12
     batch_size: int = 100
-    lr: float = 0.1
     kl_weight: float = 1e-3
     mc_particles: int = 5
-    mc_temperature: float = 1.0
     predictive_samples: int = 20
     ensemble_members: int = 5
+    prior: Any = None
+    settings: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     progress: bool = False
 
     @property
     def bits_per_weight(self) -> int:
         return max(1, math.ceil(math.log2(self.levels.num_levels)))
 
-    @property
-    def num_weights(self) -> int:
-        return sum(a * b for a, b in zip(self.sizes[:-1], self.sizes[1:], strict=False))
+
+@dataclass
+class Trained:
+    """What a method's trainer returns: test probabilities ``(N_test, C)``, training
+    seconds, the test-NLL curve ``[(seconds, NLL)]`` per epoch where recorded, and the
+    share of zero weights of the network it would deploy (``None`` where weights cannot be
+    zero)."""
+
+    probs: torch.Tensor
+    seconds: float
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    sparsity: float | None = None
+
+
+Trainer = Callable[[BenchConfig, Dataset, int, Mapping[str, float]], Trained]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the benchmark.
+
+    :param paper: the method's paper (and what is deployed), for ``bench.md``.
+    :param train: ``train(config, data, seed, settings) -> Trained``.
+    :param bits_per_weight: bits each stored weight takes when deployed.
+    :param copies: how many networks are stored (an ensemble's members).
+    :param defaults: settings per architecture kind (``"mlp"``, ``"cnn"``), chosen on a
+        validation split (see :func:`tune`; the command is in ``docs/benchmarks.md``).
+    :param grid: values of each knob that :func:`tune` tries.
+    """
+
+    paper: str
+    train: Trainer
+    bits_per_weight: Callable[[BenchConfig], float]
+    defaults: Mapping[str, Mapping[str, float]]
+    grid: Mapping[str, Sequence[float]]
+    copies: Callable[[BenchConfig], int] = lambda config: 1
+
+    def settings(self, name: str, config: BenchConfig) -> dict[str, float]:
+        """The settings this method runs with under ``config``."""
+        return {**self.defaults[config.architecture.kind], **config.settings.get(name, {})}
 
 
 @dataclass
@@ -76,9 +140,23 @@ class MethodRun:
     bits_per_weight: float
     size_kib: float
     curve: list[tuple[float, float]] = field(default_factory=list)
+    sparsity: float | None = None
+    settings: dict[str, float] = field(default_factory=dict)
 
 
-Trainer = Callable[[BenchConfig, Dataset, int], tuple[torch.Tensor, float, list]]
+def _common(config: BenchConfig, seed: int) -> dict:
+    return {
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "seed": seed,
+        "progress": config.progress,
+    }
+
+
+def _timed(train: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = train()
+    return result, time.perf_counter() - start
 
 
 def _nll_curve(data: Dataset, probs_fn: Callable[[], torch.Tensor]):
@@ -93,14 +171,14 @@ def _nll_curve(data: Dataset, probs_fn: Callable[[], torch.Tensor]):
     return curve, record
 
 
-def _bqn(config: BenchConfig, data: Dataset, seed: int, *, sampled: bool):
+def _bqn(config: BenchConfig, data: Dataset, seed: int, settings, *, sampled: bool) -> Trained:
     """The same Pyro model and guide; sampling-free (DeterministicELBO) or MC-ELBO."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    model = QuantizedMLP(config.sizes, levels=config.levels)
+    model = QuantizedClassifier(config.architecture, config.levels, prior=config.prior)
     guide = AutoQuantizedGuide(model)
     if sampled:
-        guide.temperature = config.mc_temperature
+        guide.temperature = settings["temperature"]
         scale = ScaleLatentsMessenger(config.kl_weight)
         elbo = Trace_ELBO(num_particles=config.mc_particles)
         train_model, train_guide = scale(model), ScaleLatentsMessenger(config.kl_weight)(guide)
@@ -121,113 +199,180 @@ def _bqn(config: BenchConfig, data: Dataset, seed: int, *, sampled: bool):
         train_guide,
         data.x_train,
         data.y_train,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
+        lr=settings["lr"],
         elbo=elbo,
         kl_weight=config.kl_weight,
-        seed=seed,
-        progress=config.progress,
         callback=record,
+        **_common(config, seed),
     )
-    return probs(), sum(h["seconds"] for h in history), curve
+    seconds = sum(h["seconds"] for h in history)
+    return Trained(probs(), seconds, curve, most_probable_sparsity(guide))
 
 
-def _timed(train: Callable[[], object]) -> tuple[object, float]:
-    start = time.perf_counter()
-    result = train()
-    return result, time.perf_counter() - start
-
-
-def _common(config: BenchConfig, seed: int) -> dict:
-    return {
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "seed": seed,
-        "progress": config.progress,
-    }
-
-
-def _ste(config: BenchConfig, data: Dataset, seed: int):
+def _ste(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
     def train():
-        model = baselines.ste_mlp(config.sizes, config.levels.values)
-        baselines.train_ste(model, data.x_train, data.y_train, **_common(config, seed))
+        torch.manual_seed(seed)
+        model = baselines.ste_network(config.architecture, config.levels.values)
+        baselines.train_ste(
+            model, data.x_train, data.y_train, lr=settings["lr"], **_common(config, seed)
+        )
         return model
 
     model, seconds = _timed(train)
-    return baselines.predict_proba(model, data.x_test), seconds, []
+    weights = baselines.export_quantized_weights(model).values()
+    return Trained(baselines.predict_proba(model, data.x_test), seconds, [], zero_share(weights))
 
 
-def _eqnn(config: BenchConfig, data: Dataset, seed: int):
+def _eqnn(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
     ensemble, seconds = _timed(
         lambda: baselines.fit_ensemble(
             data.x_train,
             data.y_train,
-            config.sizes,
+            config.architecture,
             config.levels.values,
             num_members=config.ensemble_members,
+            lr=settings["lr"],
             **_common(config, seed),
         )
     )
-    return baselines.predict_proba(ensemble, data.x_test), seconds, []
+    weights = [
+        weight
+        for member in ensemble.members
+        for weight in baselines.export_quantized_weights(member).values()
+    ]
+    return Trained(baselines.predict_proba(ensemble, data.x_test), seconds, [], zero_share(weights))
 
 
-def _bayesbinn(config: BenchConfig, data: Dataset, seed: int):
-    # Binary by construction; its learning rate is the one the baseline's tests tuned for
-    # a few thousand examples (the reference's 1e-4 assumes 60k and hundreds of epochs).
-    model = baselines.bayesbinn_mlp(config.sizes)
+def _bayesbinn(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
+    torch.manual_seed(seed)
+    model = baselines.bayesbinn_network(config.architecture)
     optimizer, seconds = _timed(
         lambda: baselines.train_bayesbinn(
             model,
             data.x_train,
             data.y_train,
-            lr=2e-2,
-            init_lamda=1.0,
-            num_samples=1,
+            kl_weight=config.kl_weight,
+            **settings,
             **_common(config, seed),
         )
     )
     probs = baselines.bayesbinn_predict_proba(
         model, optimizer, data.x_test, num_samples=config.predictive_samples, seed=seed
     )
-    return probs, seconds, []
+    return Trained(probs, seconds)
 
 
-def _float(config: BenchConfig, data: Dataset, seed: int):
+def _binarized(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
     def train():
-        model = baselines.float_mlp(config.sizes)
-        baselines.train(model, data.x_train, data.y_train, lr=1e-3, **_common(config, seed))
+        torch.manual_seed(seed)
+        model = baselines.binarized_network(config.architecture)
+        baselines.train_binarized(
+            model, data.x_train, data.y_train, lr=settings["lr"], **_common(config, seed)
+        )
         return model
 
     model, seconds = _timed(train)
-    return baselines.predict_proba(model, data.x_test), seconds, []
+    return Trained(baselines.predict_proba(model, data.x_test), seconds)
 
 
-def _gaussian(config: BenchConfig, data: Dataset, seed: int):
+def _float(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
+    def train():
+        torch.manual_seed(seed)
+        model = baselines.Network(config.architecture, TORCH_LAYERS)
+        baselines.train(
+            model, data.x_train, data.y_train, lr=settings["lr"], **_common(config, seed)
+        )
+        return model
+
+    model, seconds = _timed(train)
+    return Trained(baselines.predict_proba(model, data.x_test), seconds)
+
+
+def _gaussian(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
     (model, guide), seconds = _timed(
         lambda: baselines.train_gaussian_bnn(
             data.x_train,
             data.y_train,
-            config.sizes,
+            config.architecture,
             kl_weight=config.kl_weight,
+            lr=settings["lr"],
             **_common(config, seed),
         )
     )
     probs = baselines.gaussian_bnn_predict_proba(
         model, guide, data.x_test, num_samples=config.predictive_samples, seed=seed
     )
-    return probs, seconds, []
+    return Trained(probs, seconds)
 
 
-#: name -> (trainer, bits per weight as stored for prediction, number of weight copies)
-METHODS: dict[str, tuple[Trainer, Callable[[BenchConfig], float], int | None]] = {
-    "bqn": (lambda c, d, s: _bqn(c, d, s, sampled=False), lambda c: c.bits_per_weight, 1),
-    "mc-elbo": (lambda c, d, s: _bqn(c, d, s, sampled=True), lambda c: c.bits_per_weight, 1),
-    "ste": (_ste, lambda c: c.bits_per_weight, 1),
-    "e-qnn": (_eqnn, lambda c: c.bits_per_weight, None),
-    "bayesbinn": (_bayesbinn, lambda c: 1, 1),
-    "float": (_float, lambda c: 32, 1),
-    "gaussian-bnn": (_gaussian, lambda c: 64, 1),
+def _quantized_bits(config: BenchConfig) -> int:
+    return config.bits_per_weight
+
+
+_LR_GRID = {"lr": (3e-3, 1e-2, 3e-2, 1e-1)}
+
+#: name -> method. Defaults were chosen by ``tune`` on a 20 % validation split of the
+#: training data (the command and table are in docs/benchmarks.md).
+METHODS: dict[str, Method] = {
+    "bqn": Method(
+        paper="sampling-free BQN (Su et al., Bayesian quantized networks): DeterministicELBO, "
+        "analytic predictive",
+        train=lambda c, d, s, k: _bqn(c, d, s, k, sampled=False),
+        bits_per_weight=_quantized_bits,
+        defaults={"mlp": {"lr": 0.1}, "cnn": {"lr": 0.1}},
+        grid={"lr": (0.03, 0.1, 0.3)},
+    ),
+    "mc-elbo": Method(
+        paper="the same model, relaxed (Gumbel-softmax) guide, Trace_ELBO, sampled predictive",
+        train=lambda c, d, s, k: _bqn(c, d, s, k, sampled=True),
+        bits_per_weight=_quantized_bits,
+        defaults={"mlp": {"lr": 0.1, "temperature": 1.0}, "cnn": {"lr": 0.1, "temperature": 1.0}},
+        grid={"lr": (0.03, 0.1, 0.3), "temperature": (0.5, 1.0)},
+    ),
+    "ste": Method(
+        paper="straight-through quantized network (BinaryConnect / Hubara et al. weights)",
+        train=_ste,
+        bits_per_weight=_quantized_bits,
+        defaults={"mlp": {"lr": 1e-2}, "cnn": {"lr": 1e-2}},
+        grid=_LR_GRID,
+    ),
+    "binarized": Method(
+        paper="Binarized Neural Networks (Hubara et al. 2016): binary weights and activations",
+        train=_binarized,
+        bits_per_weight=lambda c: 1,
+        defaults={"mlp": {"lr": 1e-2}, "cnn": {"lr": 1e-2}},
+        grid=_LR_GRID,
+    ),
+    "e-qnn": Method(
+        paper="E-QNN: bootstrap ensemble of straight-through quantized networks",
+        train=_eqnn,
+        bits_per_weight=_quantized_bits,
+        copies=lambda c: c.ensemble_members,
+        defaults={"mlp": {"lr": 1e-2}, "cnn": {"lr": 1e-2}},
+        grid=_LR_GRID,
+    ),
+    "bayesbinn": Method(
+        paper="BayesBiNN (Meng et al. 2020): Bayesian learning rule for binary weights, "
+        "Monte Carlo predictive",
+        train=_bayesbinn,
+        bits_per_weight=lambda c: 1,
+        defaults={"mlp": {"lr": 2e-2}, "cnn": {"lr": 2e-2}},
+        grid=_LR_GRID,
+    ),
+    "float": Method(
+        paper="full-precision network (ReLU, Adam)",
+        train=_float,
+        bits_per_weight=lambda c: 32,
+        defaults={"mlp": {"lr": 1e-3}, "cnn": {"lr": 1e-3}},
+        grid={"lr": (3e-4, 1e-3, 3e-3)},
+    ),
+    "gaussian-bnn": Method(
+        paper="Gaussian mean-field BNN (Bayes by backprop), Monte Carlo predictive",
+        train=_gaussian,
+        bits_per_weight=lambda c: 64,
+        defaults={"mlp": {"lr": 1e-2}, "cnn": {"lr": 1e-2}},
+        grid={"lr": (3e-3, 1e-2, 3e-2)},
+    ),
 }
 
 
@@ -235,13 +380,58 @@ def run_method(name: str, config: BenchConfig, data: Dataset, seed: int) -> Meth
     """Train method ``name`` with ``seed`` and score it on ``data``'s test split."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
-    trainer, bits, copies = METHODS[name]
-    probs, seconds, curve = trainer(config, data, seed)
-    copies = config.ensemble_members if copies is None else copies
-    bits_per_weight = bits(config)
-    size_kib = config.num_weights * bits_per_weight * copies / 8 / 1024
-    metrics = calibration_report(probs, data.y_test, num_bins=15)
-    return MethodRun(name, seed, metrics, seconds, bits_per_weight, size_kib, curve)
+    method = METHODS[name]
+    settings = method.settings(name, config)
+    trained = method.train(config, data, seed, settings)
+    bits = method.bits_per_weight(config)
+    size_kib = config.architecture.num_weights * bits * method.copies(config) / 8 / 1024
+    metrics = calibration_report(trained.probs, data.y_test, num_bins=15)
+    return MethodRun(
+        name,
+        seed,
+        metrics,
+        trained.seconds,
+        bits,
+        size_kib,
+        trained.curve,
+        trained.sparsity,
+        settings,
+    )
+
+
+def validation_view(data: Dataset) -> Dataset:
+    """``data`` with its validation split as the test split, for tuning.
+
+    :raises ValueError: if the validation split is empty (load with ``val_fraction > 0``).
+    """
+    if data.x_val.shape[0] == 0:
+        raise ValueError("tuning needs a validation split: load the data with val_fraction > 0")
+    return replace(data, x_test=data.x_val, y_test=data.y_val)
+
+
+def tune(
+    name: str, config: BenchConfig, data: Dataset, seed: int = 0
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Choose method ``name``'s settings from its grid by validation NLL.
+
+    Each point of the grid (all combinations of the knobs' values) trains on the training
+    split and is scored on the validation split (:func:`validation_view`), never on the
+    test split.
+
+    :returns: the chosen settings and one row per point (its settings, ``val_nll``,
+        ``val_error``).
+    """
+    method = METHODS[name]
+    view = validation_view(data)
+    knobs = list(method.grid)
+    rows = []
+    for values in itertools.product(*(method.grid[k] for k in knobs)):
+        point = {**method.settings(name, config), **dict(zip(knobs, values, strict=True))}
+        trial = replace(config, settings={**config.settings, name: point})
+        run = run_method(name, trial, view, seed)
+        rows.append({**point, "val_nll": run.metrics["nll"], "val_error": run.metrics["error"]})
+    best = min(rows, key=lambda row: row["val_nll"])
+    return {k: best[k] for k in method.settings(name, config)}, rows
 
 
 def summarise(runs: Sequence[MethodRun]) -> list[dict[str, object]]:
@@ -260,29 +450,64 @@ def summarise(runs: Sequence[MethodRun]) -> list[dict[str, object]]:
         row: dict[str, object] = {"method": method, "seeds": [run.seed for run in mine]}
         values = {key: [run.metrics[key] for run in mine] for key in mine[0].metrics}
         values["train_seconds"] = [run.train_seconds for run in mine]
+        if mine[0].sparsity is not None:
+            values["sparsity"] = [run.sparsity for run in mine]
         for key, series in values.items():
             row[key] = statistics.fmean(series)
             row[f"{key}_std"] = statistics.stdev(series) if len(series) > 1 else 0.0
         row["bits_per_weight"] = mine[0].bits_per_weight
         row["size_kib"] = mine[0].size_kib
+        row["settings"] = mine[0].settings
         rows.append(row)
     return rows
 
 
+def _mean_std(row: Mapping[str, object], key: str, digits: int = 4) -> str:
+    if key not in row:
+        return "n/a"
+    return f"{row[key]:.{digits}f} ± {row[f'{key}_std']:.{digits}f}"
+
+
 def _markdown(rows: list[dict[str, object]], title: str) -> str:
-    header = (
-        "| method | test error | NLL | ECE (15 bins) | Brier | train time (s) | bits/weight "
-        "| weights (KiB) |\n|---|---|---|---|---|---|---|---|\n"
+    table = markdown_table(
+        [
+            "method",
+            "test error",
+            "NLL",
+            "ECE (15 bins)",
+            "Brier",
+            "sparsity",
+            "train time (s)",
+            "bits/weight",
+            "weights (KiB)",
+        ],
+        [
+            [
+                str(r["method"]),
+                _mean_std(r, "error"),
+                _mean_std(r, "nll"),
+                _mean_std(r, "ece"),
+                _mean_std(r, "brier"),
+                _mean_std(r, "sparsity", 3),
+                _mean_std(r, "train_seconds", 1),
+                str(r["bits_per_weight"]),
+                f"{r['size_kib']:.1f}",
+            ]
+            for r in rows
+        ],
     )
-    lines = [
-        f"| {r['method']} | {r['error']:.4f} ± {r['error_std']:.4f} "
-        f"| {r['nll']:.4f} ± {r['nll_std']:.4f} | {r['ece']:.4f} ± {r['ece_std']:.4f} "
-        f"| {r['brier']:.4f} ± {r['brier_std']:.4f} "
-        f"| {r['train_seconds']:.1f} ± {r['train_seconds_std']:.1f} "
-        f"| {r['bits_per_weight']} | {r['size_kib']:.1f} |"
-        for r in rows
-    ]
-    return f"# {title}\n\n" + header + "\n".join(lines) + "\n"
+    settings = markdown_table(
+        ["method", "settings", "paper"],
+        [
+            [
+                str(r["method"]),
+                ", ".join(f"{k}={v:g}" for k, v in r["settings"].items()),
+                METHODS[str(r["method"])].paper,
+            ]
+            for r in rows
+        ],
+    )
+    return f"# {title}\n\n{table}\n## Settings\n\n{settings}"
 
 
 def _plot(rows: list[dict[str, object]], runs: Sequence[MethodRun]) -> Figure:
@@ -306,22 +531,40 @@ def _plot(rows: list[dict[str, object]], runs: Sequence[MethodRun]) -> Figure:
 
 
 def write_report(
-    runs: Sequence[MethodRun], output: Path, config: BenchConfig, dataset: str
+    runs: Sequence[MethodRun],
+    output: Path,
+    config: BenchConfig,
+    dataset: str,
+    tuning: Mapping[str, list[dict[str, float]]] | None = None,
 ) -> list[dict[str, object]]:
-    """Write ``bench.json``, ``bench.md`` and ``bench.png`` into ``output``; return the rows."""
-    output.mkdir(parents=True, exist_ok=True)
+    """Write ``bench.json``, ``bench.md`` and ``bench.png`` into ``output``; return the rows.
+
+    :param tuning: per method, the rows of :func:`tune` when the settings were tuned now.
+    """
     rows = summarise(runs)
-    settings = {k: v for k, v in asdict(config).items() if k != "levels"}
-    settings["levels"] = config.levels.values.tolist()
+    architecture = config.architecture
     payload = {
         "dataset": dataset,
-        "config": settings,
+        "config": {
+            "architecture": asdict(architecture),
+            "levels": config.levels.values.tolist(),
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "kl_weight": config.kl_weight,
+            "mc_particles": config.mc_particles,
+            "predictive_samples": config.predictive_samples,
+            "ensemble_members": config.ensemble_members,
+        },
         "summary": rows,
         "runs": [asdict(run) for run in runs],
+        "tuning": dict(tuning or {}),
     }
     write_text(output / "bench.json", json.dumps(payload, indent=2))
     num_seeds = len({run.seed for run in runs})
-    title = f"{dataset}, {'-'.join(map(str, config.sizes))}, {num_seeds} seeds"
+    shape = f"{architecture.kind} {'-'.join(map(str, architecture.sizes))}"
+    if architecture.kind == "cnn":
+        shape = f"cnn {architecture.hidden} on {architecture.input_shape}"
+    title = f"{dataset}, {shape}, {config.epochs} epochs, {num_seeds} seeds"
     write_text(output / "bench.md", _markdown(rows, title))
     save_figure(_plot(rows, runs), output / "bench.png")
     return rows

@@ -1,6 +1,11 @@
 import pytest
+import torch
 
-from pyro_bqn.bench import MethodRun, summarise
+from pyro_bqn import bench
+from pyro_bqn.architectures import Architecture
+from pyro_bqn.bench import METHODS, MethodRun, run_method, summarise
+from pyro_bqn.data import Dataset
+from pyro_bqn.levels import ternary
 
 
 def _run(method, seed, error):
@@ -17,3 +22,85 @@ def test_summary_is_over_distinct_seeds():
 def test_a_method_run_twice_with_one_seed_is_refused():
     with pytest.raises(ValueError, match=r"repeated \(method, seed\): \[\('bqn', 0\)\]"):
         summarise([_run("bqn", 0, 0.1), _run("bqn", 0, 0.1), _run("bqn", 1, 0.2)])
+
+
+def _tiny_data():
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return torch.randn(n, 4, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+    (xt, yt), (xv, yv), (xs, ys) = split(20), split(10), split(8)
+    return Dataset("tiny", 2, (4,), xt, yt, xv, yv, xs, ys, 1.0, torch.zeros(4), torch.ones(4))
+
+
+def test_tune_picks_the_lowest_validation_nll_and_never_sees_the_test_split(monkeypatch):
+    data = _tiny_data()
+    seen = []
+
+    def train(config, view, seed, settings):
+        seen.append((settings["lr"], view.x_test))
+        # Confident and right at lr = 0.1 only.
+        right = torch.nn.functional.one_hot(view.y_test, 2).float()
+        probs = (
+            0.9 * right + 0.05 if settings["lr"] == 0.1 else torch.full((len(view.y_test), 2), 0.5)
+        )
+        return bench.Trained(probs, 0.0)
+
+    fake = bench.Method(
+        "a test method", train, lambda c: 2, {"mlp": {"lr": 0.01}}, {"lr": (0.01, 0.1, 1.0)}
+    )
+    monkeypatch.setitem(bench.METHODS, "fake", fake)
+    config = bench.BenchConfig(Architecture("mlp", (4,), 2, (3,)), ternary())
+    chosen, rows = bench.tune("fake", config, data)
+    assert chosen == {"lr": 0.1}
+    assert [row["lr"] for row in rows] == [0.01, 0.1, 1.0]
+    assert all(x is data.x_val for _, x in seen)
+    run = bench.run_method("fake", bench.replace(config, settings={"fake": chosen}), data, 0)
+    assert run.settings == {"lr": 0.1} and seen[-1][1] is data.x_test
+
+
+def test_every_method_declares_settings_for_both_architectures_and_a_paper():
+    for name, method in METHODS.items():
+        assert set(method.defaults) == {"mlp", "cnn"}, name
+        assert set(method.grid) <= set(method.defaults["mlp"]), name
+        assert method.paper, name
+
+
+def _tiny_images():
+    g = torch.Generator().manual_seed(1)
+
+    def split(n):
+        return torch.randn(n, 64, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    (xt, yt), (xv, yv), (xs, ys) = split(24), split(0), split(6)
+    return Dataset(
+        "tiny", 3, (1, 8, 8), xt, yt, xv, yv, xs, ys, 1.0, torch.zeros(()), torch.ones(())
+    )
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_trains_and_predicts_in_both_architectures(name, kind):
+    hidden = (4,) if kind == "mlp" else (2, 2, 4)
+    shape = (64,) if kind == "mlp" else (1, 8, 8)
+    config = bench.BenchConfig(
+        Architecture(kind, shape, 3, hidden),
+        ternary(),
+        epochs=1,
+        batch_size=8,
+        mc_particles=1,
+        predictive_samples=2,
+        ensemble_members=2,
+    )
+    data = _tiny_images()
+    run = run_method(name, config, data, seed=0)
+    assert 0 <= run.metrics["error"] <= 1 and run.metrics["nll"] > 0
+    assert run.size_kib == pytest.approx(
+        config.architecture.num_weights
+        * run.bits_per_weight
+        * METHODS[name].copies(config)
+        / 8
+        / 1024
+    )
+    assert run.sparsity is None or 0 <= run.sparsity <= 1

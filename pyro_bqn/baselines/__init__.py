@@ -1,11 +1,14 @@
 """Plain-PyTorch baselines for benchmarking the sampling-free Bayesian quantized network.
 
-All share one MLP shape (:class:`MLP`), one training loop (:func:`train`) and one
-predictive helper (:func:`predict_proba`):
+All are built in the shapes of :mod:`pyro_bqn.architectures` (:class:`Network`; an MLP
+or a LeNet-style CNN) and share one training loop (:func:`train`) and one predictive
+helper (:func:`predict_proba`):
 
 * :func:`float_mlp` — the full-precision network (Linear / BatchNorm / ReLU);
 * :func:`ste_mlp` — a deterministic quantized network trained with the straight-through
   estimator (:func:`train_ste`);
+* :func:`binarized_network` — Binarized Neural Networks (Hubara et al. 2016): binary
+  weights and activations (:func:`train_binarized`);
 * :func:`fit_ensemble` — E-QNN, a bootstrap ensemble of STE networks;
 * :class:`BayesBiNN` — the Bayesian learning rule for binary weights
   (:func:`bayesbinn_mlp`, :func:`train_bayesbinn`, :func:`bayesbinn_predict_proba`);
@@ -17,10 +20,12 @@ predictive helper (:func:`predict_proba`):
 from pyro_bqn.baselines.bayesbinn import (
     BayesBiNN,
     bayesbinn_mlp,
+    bayesbinn_network,
     bayesbinn_predict_proba,
     split_binary_parameters,
     train_bayesbinn,
 )
+from pyro_bqn.baselines.binarized import binarized_mlp, binarized_network, train_binarized
 from pyro_bqn.baselines.ensemble import QuantizedEnsemble, fit_ensemble
 from pyro_bqn.baselines.float_mlp import float_mlp
 from pyro_bqn.baselines.gaussian_bnn import (
@@ -29,42 +34,52 @@ from pyro_bqn.baselines.gaussian_bnn import (
     gaussian_bnn_predict_proba,
     train_gaussian_bnn,
 )
-from pyro_bqn.baselines.mlp import MLP, LogitScale
+from pyro_bqn.baselines.mlp import MLP, LogitScale, Network, mlp_architecture
 from pyro_bqn.baselines.ste import (
     SignSTE,
+    STEConv2d,
     STELinear,
     clip_latent_weights_,
     export_quantized_weights,
     quantize_ste,
     sign_ste,
     ste_mlp,
+    ste_network,
     train_ste,
 )
 from pyro_bqn.baselines.training import predict_proba, train
 
 __all__ = [
     "MLP",
+    "Network",
     "AutoNormalAnalyticKL",
     "BayesBiNN",
     "GaussianBNN",
     "LogitScale",
     "QuantizedEnsemble",
+    "STEConv2d",
     "STELinear",
     "SignSTE",
     "bayesbinn_mlp",
+    "bayesbinn_network",
+    "binarized_mlp",
+    "binarized_network",
     "bayesbinn_predict_proba",
     "clip_latent_weights_",
     "export_quantized_weights",
     "fit_ensemble",
     "float_mlp",
+    "mlp_architecture",
     "gaussian_bnn_predict_proba",
     "predict_proba",
     "quantize_ste",
     "sign_ste",
     "split_binary_parameters",
     "ste_mlp",
+    "ste_network",
     "train",
     "train_bayesbinn",
+    "train_binarized",
     "train_gaussian_bnn",
     "train_ste",
 ]
