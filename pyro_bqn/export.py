@@ -2,10 +2,12 @@
 into bits, and run without the guide.
 
 A :class:`QuantizedNetwork` holds one fixed network: for each quantized weight site the
-index of its most probable level, packed ``ceil(log2 K)`` bits per weight; the level values;
-each continuous site's posterior mean; and the model state needed to run it (the Pyro
-parameters the model reads, such as batch-norm affine parameters and the temperature, and
-the model's buffers, such as batch-norm running statistics).
+index of its most probable level, packed ``ceil(log2 K)`` bits per weight; the level values
+(learned ones as learned); the weights that keep full precision (the outliers of a
+spike-and-slab posterior, whose slab outweighs every level) as a sparse list of positions and
+values; each continuous site's posterior mean; and the model state needed to run it (the Pyro
+parameters the model reads, such as batch-norm affine parameters, the temperature and
+learnable levels, and the model's buffers, such as batch-norm running statistics).
 
 **File format** (``QuantizedNetwork.save``): a checked payload file
 (:mod:`pyro_bqn.payload_files`: ``torch.save`` of a plain dictionary, written atomically,
@@ -16,7 +18,10 @@ read back with ``torch.load(..., weights_only=True)`` and its checksum verified)
         "version": 2,
         "quantized": {site: {"packed": uint8 tensor (ceil(numel * bits / 8),),
                              "levels": float tensor (K,),
-                             "shape": [int, ...]}},
+                             "shape": [int, ...],
+                             # optional: full-precision weights, none if absent
+                             "outlier_index": int32 tensor (n,),   # row-major positions
+                             "outlier_values": float tensor (n,)}},
         "continuous": {site: float tensor},
         "params": {param name: tensor},      # unconstrained, as in the Pyro param store
         "buffers": {buffer name: tensor},    # as in the model's state_dict
@@ -25,12 +30,16 @@ read back with ``torch.load(..., weights_only=True)`` and its checksum verified)
     }
 
 Version 1 (pyro_bqn before checksums) had no ``"checksum"``; it is refused with an error
-that says so.
+that says so. The outlier entries were added to version 2 without a version change (files
+without them read as before); a pyro_bqn from before them reads a file with outliers as if
+it had none, i.e. with those weights at their nearest level.
 
 ``bits = max(1, ceil(log2 K))``. The weights are flattened in row-major order; each index is
 written most significant bit first into one continuous bit stream, which is cut into bytes
 (most significant bit first, the last byte zero-padded) — the layout of
-``numpy.packbits(..., bitorder="big")`` applied to the stream.
+``numpy.packbits(..., bitorder="big")`` applied to the stream. An outlier's packed index is
+its nearest level's (so the packed stream alone is the network rounded to the levels), and
+its stored value replaces that level. Positions are strictly increasing.
 """
 
 from __future__ import annotations
@@ -128,23 +137,36 @@ def unpack_indices(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (stream[: count * bits].view(count, bits) << _msb_first(bits)).sum(-1)
 
 
+def _no_outliers() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.int32)
+
+
 @dataclass(frozen=True, eq=False)
 class PackedSite:
-    """One quantized weight site stored as packed level indices.
+    """One quantized weight site stored as packed level indices, plus the weights that keep
+    full precision.
 
     :param packed: ``uint8`` ``(ceil(numel * bits / 8),)``, see :func:`pack_indices`.
     :param levels: the level values ``(K,)``, strictly increasing.
     :param shape: the weight's shape.
+    :param outlier_index: row-major positions of the full-precision weights, an integer
+        tensor ``(n,)``, strictly increasing (default: none).
+    :param outlier_values: their values, ``(n,)``, finite, of the levels' dtype.
     :raises ValueError: if the parts are inconsistent or an index is not below ``K``.
     """
 
     packed: torch.Tensor
     levels: torch.Tensor
     shape: torch.Size
+    outlier_index: torch.Tensor = field(default_factory=_no_outliers)
+    outlier_values: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", torch.Size(self.shape))
         check_levels(self.levels)
+        if self.outlier_values is None:
+            object.__setattr__(self, "outlier_values", self.levels.new_zeros(0))
+        self._check_outliers()
         # Unpacking checks the packed tensor's dtype and length; a K that is not a power of
         # two leaves index codes >= K unused, and a corrupted file may hold them.
         largest = self.indices().max() if self.numel else 0
@@ -153,11 +175,52 @@ class PackedSite:
                 f"a packed index is {int(largest)}, but there are only {self.num_levels} levels"
             )
 
+    def _check_outliers(self) -> None:
+        index, values = self.outlier_index, self.outlier_values
+        if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError("outlier_index must be an int32 or int64 tensor")
+        if not isinstance(values, torch.Tensor) or values.dtype != self.levels.dtype:
+            raise ValueError(f"outlier_values must be a tensor of the levels' {self.levels.dtype}")
+        if index.dim() != 1 or values.shape != index.shape:
+            raise ValueError(
+                f"outlier_index and outlier_values must have one shape (n,), got "
+                f"{tuple(index.shape)} and {tuple(values.shape)}"
+            )
+        if index.numel() and (
+            index[0] < 0 or index[-1] >= self.numel or (index[1:] <= index[:-1]).any()
+        ):
+            raise ValueError(
+                f"outlier_index must be strictly increasing positions in [0, {self.numel})"
+            )
+        if not torch.isfinite(values).all():
+            raise ValueError("outlier_values must be finite")
+
     @classmethod
     def from_indices(cls, indices: torch.Tensor, levels: torch.Tensor) -> PackedSite:
         """Pack ``indices`` (integer, the weight's shape) of the levels ``levels`` ``(K,)``."""
         bits = index_bits(levels.shape[0])
         return cls(pack_indices(indices, bits), levels, indices.shape)
+
+    @classmethod
+    def from_weights(cls, weights: torch.Tensor, levels: torch.Tensor) -> PackedSite:
+        """Store ``weights`` (any shape): the entries equal to a level as its index, the
+        others as full-precision outliers (packed as their nearest level's index)."""
+        flat = weights.detach().reshape(-1).to(levels.dtype)
+        matches = flat.unsqueeze(-1) == levels
+        on_level = matches.any(-1)
+        thresholds = 0.5 * (levels[1:] + levels[:-1])
+        nearest = torch.bucketize(flat, thresholds, right=True)
+        indices = torch.where(on_level, matches.to(torch.int64).argmax(-1), nearest)
+        position = (~on_level).nonzero().squeeze(-1)
+        dtype = torch.int32 if flat.numel() <= torch.iinfo(torch.int32).max else torch.int64
+        bits = index_bits(levels.shape[0])
+        return cls(
+            pack_indices(indices, bits),
+            levels,
+            weights.shape,
+            outlier_index=position.to(dtype),
+            outlier_values=flat[position].clone(),
+        )
 
     @property
     def num_levels(self) -> int:
@@ -175,17 +238,30 @@ class PackedSite:
         return self.shape.numel()
 
     @property
+    def num_outliers(self) -> int:
+        """Number of full-precision weights."""
+        return self.outlier_index.numel()
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the packed indices, ``ceil(numel * bits / 8)``."""
         return self.packed.numel()
 
+    @property
+    def outlier_nbytes(self) -> int:
+        """Bytes of the full-precision weights: their positions and values."""
+        return sum(t.numel() * t.element_size() for t in (self.outlier_index, self.outlier_values))
+
     def indices(self) -> torch.Tensor:
-        """Level indices, ``int64`` of the weight's shape."""
+        """Level indices, ``int64`` of the weight's shape (an outlier's nearest level)."""
         return unpack_indices(self.packed, self.bits, self.numel).view(self.shape)
 
     def values(self) -> torch.Tensor:
-        """Level values, the weight's shape and the levels' dtype."""
-        return self.levels[self.indices()]
+        """The weights, the weight's shape and the levels' dtype: level values, and the
+        outliers' own values."""
+        values = self.levels[self.indices()].reshape(-1)
+        values[self.outlier_index.long()] = self.outlier_values
+        return values.view(self.shape)
 
 
 @dataclass(eq=False)
@@ -232,9 +308,14 @@ class QuantizedNetwork:
         return {name: site.bits for name, site in self.quantized.items()}
 
     def size_bytes(self) -> int:
-        """Bytes of stored data: packed indices, level values, continuous sites, params and
-        buffers (the file adds a small, fixed container overhead)."""
-        tensors = [t for site in self.quantized.values() for t in (site.packed, site.levels)]
+        """Bytes of stored data: packed indices, level values, full-precision outliers
+        (positions and values), continuous sites, params and buffers (the file adds a small,
+        fixed container overhead)."""
+        tensors = [
+            t
+            for site in self.quantized.values()
+            for t in (site.packed, site.levels, site.outlier_index, site.outlier_values)
+        ]
         for group in (self.continuous, self.params, self.buffers):
             tensors += list(group.values())
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -307,10 +388,13 @@ class QuantizedNetwork:
     def save(self, path: PathLike) -> None:
         """Write the network to ``path`` (format in the module docstring), atomically: an
         interrupted save leaves the previous file at ``path`` as it was."""
-        quantized = {
-            name: {"packed": site.packed, "levels": site.levels, "shape": list(site.shape)}
-            for name, site in self.quantized.items()
-        }
+        quantized = {}
+        for name, site in self.quantized.items():
+            entry = {"packed": site.packed, "levels": site.levels, "shape": list(site.shape)}
+            if site.num_outliers:
+                entry["outlier_index"] = site.outlier_index
+                entry["outlier_values"] = site.outlier_values
+            quantized[name] = entry
         payload = {
             "format": FILE_FORMAT,
             "version": FILE_VERSION,
@@ -339,7 +423,14 @@ class QuantizedNetwork:
         try:
             for name, entry in payload["quantized"].items():
                 try:
-                    quantized[name] = PackedSite(entry["packed"], entry["levels"], entry["shape"])
+                    outliers = {
+                        key: entry[key]
+                        for key in ("outlier_index", "outlier_values")
+                        if key in entry
+                    }
+                    quantized[name] = PackedSite(
+                        entry["packed"], entry["levels"], entry["shape"], **outliers
+                    )
                 except (KeyError, TypeError, ValueError) as error:
                     raise ValueError(f"{damaged}: site '{name}': {error}") from error
         except AttributeError as error:  # "quantized" is not a dictionary
@@ -366,10 +457,13 @@ def export_network(
 ) -> QuantizedNetwork:
     """The most probable network of ``guide``'s posterior, with the model state to run it.
 
-    Each quantized site keeps the index of its most probable level (the argmax of the
-    posterior, exactly the levels of ``guide.median()``); each continuous site its posterior
-    mean. ``model(*args, **kwargs)`` is run once in evaluation mode (example inputs, e.g. a
-    small batch) to find the Pyro params the model reads, whose current values are stored.
+    Each quantized site keeps its weights in ``guide.median()``: the index of each weight's
+    most probable level and, for a spike-and-slab posterior, the full-precision value of each
+    weight whose slab outweighs every level (a sparse list, counted by
+    :meth:`QuantizedNetwork.size_bytes`); each continuous site its posterior mean. Learnable
+    levels are stored as learned (and, as Pyro params the model reads, in ``params``).
+    ``model(*args, **kwargs)`` is run once in evaluation mode (example inputs, e.g. a small
+    batch) to find the Pyro params the model reads, whose current values are stored.
 
     **Batch-norm statistics.** By default the network keeps the model's running statistics,
     gathered in moment mode, which describe the moment network rather than this one. Pass
@@ -386,9 +480,8 @@ def export_network(
     median = guide.median(*args, **kwargs)
     quantized = {}
     for name in guide.quantized_sites:
-        posterior = guide.exact_posterior(name)
-        levels = posterior.levels.detach().clone()
-        quantized[name] = PackedSite.from_indices(posterior.index_of(median[name]), levels)
+        levels = guide.exact_posterior(name).levels.detach().clone()
+        quantized[name] = PackedSite.from_weights(median[name], levels)
     continuous = {
         name: value.detach().clone() for name, value in median.items() if name not in quantized
     }

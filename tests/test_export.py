@@ -5,9 +5,11 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
+from pyro.infer import SVI
 
 from pyro_bqn import levels as qlevels
 from pyro_bqn.checkpoint import save_checkpoint
+from pyro_bqn.distributions import MomentCategorical
 from pyro_bqn.export import (
     PackedSite,
     QuantizedNetwork,
@@ -16,8 +18,12 @@ from pyro_bqn.export import (
     pack_indices,
     unpack_indices,
 )
+from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO
 from pyro_bqn.models import QuantizedMLP
+from pyro_bqn.nn import QuantizedLinear, ReLU
 from pyro_bqn.payload_files import save_payload
+from pyro_bqn.priors import SpikeAndSlabPrior
+from tests.infer.models import linear_classes
 from tests.trained_mlp import SIZES, trained_mlp
 
 LEVEL_SETS = {
@@ -264,3 +270,106 @@ def test_running_on_a_model_declared_with_other_fixed_levels_is_refused(tmp_path
     ):
         network.run(model, run.x)
     assert model.body[1].levels.values.tolist() == [-2.0, 0.0, 2.0]
+
+
+# --- full-precision outliers and learned levels ----------------------------------------------
+
+
+def test_packed_site_stores_off_level_weights_as_a_sparse_full_precision_list():
+    levels = torch.tensor([-1.0, -0.2, 0.4, 1.2])
+    weights = torch.tensor([[-1.0, 0.4, 2.5], [0.3, 1.2, -0.2]])
+    site = PackedSite.from_weights(weights, levels)
+    assert site.num_outliers == 2
+    assert torch.equal(site.outlier_index, torch.tensor([2, 3], dtype=torch.int32))
+    assert torch.equal(site.outlier_values, torch.tensor([2.5, 0.3]))
+    # The packed stream alone is the network rounded to the levels.
+    assert torch.equal(site.indices(), torch.tensor([[0, 2, 3], [2, 3, 1]]))
+    assert torch.equal(site.values(), weights)
+    assert site.nbytes == math.ceil(6 * 2 / 8)
+    assert site.outlier_nbytes == 2 * 4 + 2 * 4
+    on_levels = PackedSite.from_weights(levels[torch.tensor([3, 0, 1])], levels)
+    assert on_levels.num_outliers == 0 and on_levels.outlier_nbytes == 0
+
+
+@pytest.mark.parametrize(
+    "index, values, match",
+    [
+        (torch.tensor([1.0]), torch.tensor([0.5]), "int32 or int64"),
+        (torch.tensor([1], dtype=torch.int32), torch.tensor([0.5], dtype=torch.float64),
+         "levels' torch.float32"),
+        (torch.tensor([1, 2], dtype=torch.int32), torch.tensor([0.5]), "one shape"),
+        (torch.tensor([2, 1], dtype=torch.int32), torch.tensor([0.5, 0.6]), "strictly increasing"),
+        (torch.tensor([4], dtype=torch.int32), torch.tensor([0.5]), r"in \[0, 4\)"),
+        (torch.tensor([0], dtype=torch.int32), torch.tensor([math.nan]), "finite"),
+    ],
+)
+def test_packed_site_refuses_bad_outliers(index, values, match):
+    levels = torch.tensor([-1.0, 1.0])
+    packed = pack_indices(torch.tensor([0, 1, 1, 0]), 1)
+    with pytest.raises(ValueError, match=match):
+        PackedSite(packed, levels, (4,), outlier_index=index, outlier_values=values)
+
+
+class SlabNet(pyro.nn.PyroModule):
+    """Two quantized layers, each with its own copy of learnable levels, a spike-and-slab
+    prior and a categorical likelihood."""
+
+    def __init__(self, init=(-1.0, -0.2, 0.4, 1.2)):
+        super().__init__()
+        shared = qlevels.learnable(init)
+        prior = SpikeAndSlabPrior(slab_prob=0.1)
+        self.fc1 = QuantizedLinear(4, 6, levels=shared.copy(), prior=prior, bias=False)
+        self.act = ReLU()
+        self.fc2 = QuantizedLinear(6, 3, levels=shared.copy(), prior=prior)
+
+    def forward(self, x, y=None):
+        logits = self.fc2(self.act(self.fc1(x)))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", MomentCategorical(logits=logits), obs=y)
+
+
+def _slab_run():
+    x, y = linear_classes(32, 4, 3, seed=1)
+    model = SlabNet()
+    guide = AutoQuantizedGuide(model, posterior="spike-and-slab")
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), DeterministicELBO())
+    for _ in range(5):
+        svi.step(x, y)
+    store = pyro.get_param_store()
+    with torch.no_grad():  # two weights whose slab outweighs every level
+        store["AutoQuantizedGuide.logits.fc1.weight"][4, 0, 1] = 40.0
+        store["AutoQuantizedGuide.logits.fc2.weight"][4, 2, 5] = 40.0
+    return model, guide, x
+
+
+def test_export_keeps_outliers_at_full_precision_and_counts_them(tmp_path):
+    model, guide, x = _slab_run()
+    network = export_network(model, guide, x)
+    median = guide.median()
+    _assert_same_tensors(network.weights(), median)
+    assert [site.num_outliers for site in network.quantized.values()] == [1, 1]
+    # The learned levels, one set per layer, as learned.
+    fc1, fc2 = network.quantized["fc1.weight"], network.quantized["fc2.weight"]
+    assert torch.equal(fc1.levels, model.fc1.levels.values.detach())
+    assert not torch.equal(fc1.levels, fc2.levels)
+    assert {"fc1.levels.first", "fc2.levels.raw_gaps"} <= set(network.params)
+    stored = [t for s in network.quantized.values()
+              for t in (s.packed, s.levels, s.outlier_index, s.outlier_values)]
+    stored += [*network.continuous.values(), *network.params.values(), *network.buffers.values()]
+    assert network.size_bytes() == sum(t.numel() * t.element_size() for t in stored)
+    assert torch.equal(network.run(model, x), _conditioned_probs(model, median, x))
+
+    network.save(tmp_path / "network.pt")
+    loaded = QuantizedNetwork.load(tmp_path / "network.pt")
+    for name, site in network.quantized.items():
+        assert torch.equal(loaded.quantized[name].outlier_index, site.outlier_index)
+        assert torch.equal(loaded.quantized[name].outlier_values, site.outlier_values)
+    _assert_same_tensors(loaded.weights(), network.weights())
+
+    # A fresh model, declared with other initial learnable levels, runs it identically: the
+    # learned levels are parameters of the network.
+    expected = network.run(model, x)
+    pyro.clear_param_store()
+    fresh = SlabNet(init=(-2.0, -0.5, 0.5, 2.0))
+    fresh(x)
+    assert torch.equal(loaded.run(fresh, x), expected)
