@@ -26,10 +26,11 @@ from tests.infer.models import linear_classes
 SIZES = (5, 16, 3)
 
 
-def _classifier(sizes=SIZES, roth=True, temperature=1.0):
-    """A QuantizedClassifier MLP; with ``roth``, its Sign layers become RelaxedSign and its
-    body ends in LocalReparameterization (parameter names are unchanged)."""
-    arch = Architecture("mlp", (sizes[0],), sizes[-1], tuple(sizes[1:-1]))
+def _classifier(sizes=SIZES, roth=True, temperature=1.0, arch=None):
+    """A QuantizedClassifier (an MLP of ``sizes`` unless ``arch`` is given); with ``roth``,
+    its Sign layers become RelaxedSign and its body ends in LocalReparameterization
+    (parameter names are unchanged)."""
+    arch = arch or Architecture("mlp", (sizes[0],), sizes[-1], tuple(sizes[1:-1]))
     model = QuantizedClassifier(arch)
     if roth:
         children = [RelaxedSign(temperature) if type(m) is Sign else m for m in model.body]
@@ -68,6 +69,22 @@ def test_only_the_likelihood_is_sampled_and_gradients_reach_every_guide_logit():
     # The KL is analytic; the expected log-likelihood is a draw.
     assert terms[0]["kl"] == terms[1]["kl"]
     assert terms[0]["expected_log_likelihood"] != terms[1]["expected_log_likelihood"]
+
+
+def test_a_roth_cnn_samples_through_convolutions_and_pooling():
+    arch = Architecture("cnn", (1, 8, 8), 3, (2, 3, 4))
+    model = _classifier(arch=arch)
+    x, y = torch.randn(6, 64), torch.randint(0, 3, (6,))
+    guide = AutoQuantizedGuide(model)
+    loss = DeterministicELBO(kl_weight=1e-2).loss_and_grads(model, guide, x, y)
+    assert math.isfinite(loss)
+    logits = [name for name in pyro.get_param_store() if ".logits." in name]
+    assert len(logits) == 4  # two convolutions, the dense layer and the output layer
+    for name in logits:
+        grad = pyro.get_param_store().get_param(name).unconstrained().grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    probs = predict(model, guide, x)
+    assert probs.shape == (6, 3) and torch.allclose(probs.sum(-1), torch.ones(6))
 
 
 def test_sampled_logits_estimate_an_expected_log_likelihood_above_the_jensen_bound():
