@@ -98,8 +98,9 @@ class AutoQuantizedGuide(AutoGuide):
         ...         self.fc = QuantizedLinear(4, 3, levels=levels.learnable([-1, -0.2, 0.4, 1.2]),
         ...                                   prior=SpikeAndSlabPrior(0.05, 1.0, 0.02))
         ...     def forward(self, x, y=None):
+        ...         logits = self.fc(x)  # outside the plate: the weights are global
         ...         with pyro.plate("data", x.shape[0]):
-        ...             return pyro.sample("obs", MomentCategorical(logits=self.fc(x)), obs=y)
+        ...             return pyro.sample("obs", MomentCategorical(logits=logits), obs=y)
         >>> model = Net(); guide = AutoQuantizedGuide(model, posterior="spike-and-slab")
         >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), DeterministicELBO())
         >>> loss = svi.step(torch.randn(8, 4), torch.randint(0, 3, (8,)))
