@@ -9,6 +9,7 @@ from pyro.infer import SVI
 from pyro.nn import PyroModule, PyroSample
 
 from pyro_bqn import levels as qlevels
+from pyro_bqn.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bqn.distributions.moment_likelihoods import MomentCategorical
 from pyro_bqn.distributions.multiple_spike_and_slab import MultipleSpikeAndSlab
 from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical
@@ -433,3 +434,23 @@ def test_posterior_kinds_are_checked():
                                    posterior="spike-and-slab")
         with pytest.raises(ValueError, match=f"slab_prob > 0 at site 'fc.weight', got {found}"):
             guide(x, y)
+
+
+@pytest.mark.filterwarnings("ignore::pyro_bqn.distributions.InertPriorWarning")
+@pytest.mark.parametrize("posterior", ["partition", "spike-and-slab"])
+def test_checkpoints_resume_the_new_posteriors_and_learned_levels_exactly(posterior, tmp_path):
+    prior = SpikeAndSlabPrior(slab_prob=0.1, spike_scale=0.02)
+    model, guide, _, x, y = _trained(posterior, prior, steps=3)
+    optimizer = pyro.optim.Adam({"lr": 0.05})
+    svi = SVI(model, guide, optimizer, DeterministicELBO())
+    svi.step(x, y)
+    save_checkpoint(tmp_path / "run.pt", model, guide, optimizer)
+    expected = [svi.step(x, y) for _ in range(2)]
+
+    pyro.clear_param_store()
+    fresh = PriorLayer(qlevels.learnable([-2.0, -1.0, 0.0, 2.0]), prior)
+    fresh_guide = AutoQuantizedGuide(fresh, posterior=posterior)
+    fresh_optimizer = pyro.optim.Adam({"lr": 0.05})
+    load_checkpoint(tmp_path / "run.pt", fresh, fresh_guide, x, y, optimizer=fresh_optimizer)
+    resumed = SVI(fresh, fresh_guide, fresh_optimizer, DeterministicELBO())
+    assert [resumed.step(x, y) for _ in range(2)] == expected
