@@ -149,8 +149,9 @@ class SpikeAndSlabPrior:
     def __call__(self, levels: LevelSet) -> MultipleSpikeAndSlab:
         """The prior on ``levels``: a scalar-batch
         :class:`~pyro_bqn.distributions.MultipleSpikeAndSlab`."""
+        # The fields were checked at construction; re-checking every call costs syncs.
         return MultipleSpikeAndSlab.with_uniform_spikes(
-            levels, self.slab_prob, self.slab_scale, self.spike_scale
+            levels, self.slab_prob, self.slab_scale, self.spike_scale, validate_args=False
         )
 
     def to_spec(self) -> str:
