@@ -90,6 +90,16 @@ def add_bias(
     return Moments(mean, var)
 
 
+def _check_same_values(prior_values: torch.Tensor, values: torch.Tensor) -> None:
+    if prior_values.shape != values.shape or not torch.equal(
+        prior_values.detach(), values.detach()
+    ):
+        raise ValueError(
+            f"prior levels {prior_values.tolist()} differ from the layer's levels "
+            f"{values.tolist()}"
+        )
+
+
 def _weight_site_prior(layer: QuantizedLayer) -> TorchDistributionMixin:
     """The weight site's prior, built at every call from the layer's current levels.
 
@@ -181,14 +191,9 @@ class QuantizedLayer(PyroModule):
         if not isinstance(levels, LevelSet):
             levels = from_values(levels)
         if declared is not None:
-            prior_levels = declared.values if isinstance(declared, LevelSet) else declared
-            if prior_levels.shape != levels.values.shape or not torch.equal(
-                prior_levels.detach(), levels.values.detach()
-            ):
-                raise ValueError(
-                    f"prior levels {prior_levels.tolist()} differ from the layer's levels "
-                    f"{levels.values.tolist()}"
-                )
+            _check_same_values(
+                declared.values if isinstance(declared, LevelSet) else declared, levels.values
+            )
         return levels
 
     def weight_prior(self, levels: LevelSet) -> TorchDistributionMixin:
@@ -237,20 +242,14 @@ class QuantizedLayer(PyroModule):
                 f"got batch shape {tuple(prior.batch_shape)}, event shape "
                 f"{tuple(prior.event_shape)}"
             )
-        if prior.level_set is levels:
+        if getattr(prior, "level_set", None) is levels:
             return prior
         if levels.learnable:
             raise ValueError(
                 f"{name}.weight_prior must build the prior on the layer's level set itself "
                 "(its values would go stale as the learnable levels learn)"
             )
-        if prior_values.shape != values.shape or not torch.equal(
-            prior_values.detach(), values.detach()
-        ):
-            raise ValueError(
-                f"prior levels {prior_values.tolist()} differ from the layer's levels "
-                f"{values.tolist()}"
-            )
+        _check_same_values(prior_values, values)
         return prior
 
     def sampled_weight(self) -> torch.Tensor | SiteMoments:
