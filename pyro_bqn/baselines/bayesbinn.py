@@ -33,8 +33,10 @@ the prior pulls ``λ`` back: by a factor ``1 − αβ`` per step.
   ``s = ε / τ / ε = 1/τ = 1e10`` for every weight. The update then adds ``−α N g / τ`` to
   ``λ`` (a huge step; ``λ`` stays saturated) and decays it by ``1 − αβ``: ``λ`` is a
   decayed running sum of the gradients and the weight its sign, much like Bop (Helwegen
-  et al. 2019), which the paper derives as a special case. Away from saturation it equals
-  the exact scale.
+  et al. 2019), to which the paper relates its rule. Since ``λ`` only matters through its
+  sign there, ``α`` matters only through the prior's pull ``αβ`` (and the schedule), and
+  the initial ``|λ|`` not at all once the first step has swamped it. Away from
+  saturation this scale equals the exact one.
 * ``"exact"``: ``s = cosh²(λ) / (τ cosh²((λ + δ)/τ))``, the same quantity computed in log
   space, exact where ``tanh`` rounds to ``±1`` (``|λ| ≳ 9`` in float32). In the regime
   above the exact ``s`` is ``0`` (``(1 − w²)/τ`` underflows far faster than ``1 − μ²``),

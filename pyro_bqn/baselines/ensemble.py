@@ -39,6 +39,14 @@ class QuantizedEnsemble(nn.Module):
     :func:`~pyro_bqn.baselines.predict_proba` of the ensemble is the probability average.
 
     :param members: the ``M >= 1`` member networks, each mapping ``(N, ...)`` to ``(N, C)``.
+
+    Usage::
+
+        >>> import torch
+        >>> from pyro_bqn.baselines.ste import ste_mlp
+        >>> ensemble = QuantizedEnsemble([ste_mlp([4, 8, 3]).eval() for _ in range(3)])
+        >>> ensemble(torch.randn(5, 4)).exp().sum(-1).allclose(torch.ones(5))
+        True
     """
 
     def __init__(self, members: Sequence[nn.Module]) -> None:

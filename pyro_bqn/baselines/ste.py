@@ -109,7 +109,14 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class SignSTE(nn.Module):
-    """Module form of :func:`sign_ste`: ``(N, *) → (N, *)`` with values in ``{-1, 1}``."""
+    """Module form of :func:`sign_ste`: ``(N, *) → (N, *)`` with values in ``{-1, 1}``.
+
+    Usage::
+
+        >>> import torch
+        >>> SignSTE()(torch.tensor([-0.5, 0.0, 2.0]))
+        tensor([-1.,  1.,  1.])
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sign_ste(x)
