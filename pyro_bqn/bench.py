@@ -38,6 +38,7 @@ from pyro_bqn.architectures import TORCH_LAYERS, Architecture
 from pyro_bqn.atomic_files import write_text
 from pyro_bqn.data import Dataset
 from pyro_bqn.diagnostics import calibration_report, nll, save_figure
+from pyro_bqn.export import export_network
 from pyro_bqn.infer import (
     AutoQuantizedGuide,
     ScaleLatentsMessenger,
@@ -49,6 +50,7 @@ from pyro_bqn.infer import (
 )
 from pyro_bqn.levels import LevelSet
 from pyro_bqn.models import QuantizedClassifier
+from pyro_bqn.nn import RelaxedSign
 from pyro_bqn.results import markdown_table
 
 __all__ = [
@@ -209,6 +211,31 @@ def _bqn(config: BenchConfig, data: Dataset, seed: int, settings, *, sampled: bo
     return Trained(probs(), seconds, curve, most_probable_sparsity(guide))
 
 
+def _local_reparameterization(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
+    """Roth et al.: sampled relaxed signs and logits in training, the most probable network
+    (with batch-norm statistics of its own) deployed."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model = QuantizedClassifier(config.architecture, config.levels, "sign-lr", config.prior)
+    for module in model.modules():  # the relaxation temperature is one of the settings
+        if isinstance(module, RelaxedSign):
+            module.temperature = settings["temperature"]
+    guide = AutoQuantizedGuide(model)
+    history = fit(
+        model,
+        guide,
+        data.x_train,
+        data.y_train,
+        lr=settings["lr"],
+        kl_weight=config.kl_weight,
+        **_common(config, seed),
+    )
+    network = export_network(model, guide, data.x_train[:2], batch_norm_data=data.x_train)
+    probs = network.run(model, data.x_test)
+    seconds = sum(h["seconds"] for h in history)
+    return Trained(probs, seconds, [], most_probable_sparsity(guide))
+
+
 def _ste(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
     def train():
         torch.manual_seed(seed)
@@ -327,6 +354,14 @@ METHODS: dict[str, Method] = {
         train=lambda c, d, s, k: _bqn(c, d, s, k, sampled=True),
         bits_per_weight=_quantized_bits,
         defaults={"mlp": {"lr": 0.1, "temperature": 1.0}, "cnn": {"lr": 0.1, "temperature": 1.0}},
+        grid={"lr": (0.03, 0.1, 0.3), "temperature": (0.5, 1.0)},
+    ),
+    "lr-discrete": Method(
+        paper="Roth et al. (ECML PKDD 2019): local reparameterization, relaxed sign samples; "
+        "most probable network",
+        train=_local_reparameterization,
+        bits_per_weight=_quantized_bits,
+        defaults={"mlp": {"lr": 0.1, "temperature": 0.5}, "cnn": {"lr": 0.1, "temperature": 0.5}},
         grid={"lr": (0.03, 0.1, 0.3), "temperature": (0.5, 1.0)},
     ),
     "ste": Method(

@@ -15,12 +15,19 @@ from pyro_bqn.architectures import Architecture, Layers
 from pyro_bqn.distributions.moment_likelihoods import MomentCategorical
 from pyro_bqn.levels import LevelSet, ternary
 from pyro_bqn.moments import Moments
+from pyro_bqn.nn.local_reparameterization import LocalReparameterization, RelaxedSign
 from pyro_bqn.nn.quantized_conv import QuantizedConv2d
 from pyro_bqn.nn.quantized_linear import QuantizedLinear
 
 __all__ = ["ACTIVATIONS", "QuantizedClassifier", "QuantizedMLP", "quantized_layers"]
 
-ACTIVATIONS = {"sign": qnn.Sign, "relu": qnn.ReLU}
+ACTIVATIONS = {
+    "sign": qnn.Sign,
+    "relu": qnn.ReLU,
+    # Roth et al. (ECML PKDD 2019): signs sampled (relaxed) in training; tau 0.5 was chosen
+    # on a validation split of the MNIST subset (docs/benchmarks.md).
+    "sign-lr": partial(RelaxedSign, temperature=0.5),
+}
 
 
 def quantized_layers(
@@ -62,8 +69,11 @@ class QuantizedClassifier(PyroModule):
 
     :param architecture: the network's shape.
     :param levels: weight levels of every layer (default ternary).
-    :param activation: ``"sign"`` (binary activations, as in Binarized Neural Networks) or
-        ``"relu"``.
+    :param activation: ``"sign"`` (binary activations, as in Binarized Neural Networks; with
+        :class:`~pyro_bqn.DeterministicELBO` this is the probabilistic forward pass),
+        ``"relu"``, or ``"sign-lr"``: Roth et al.'s local reparameterization, signs drawn
+        from a relaxed sample in training and the output logits sampled
+        (:mod:`pyro_bqn.nn.local_reparameterization`).
     :param prior: prior of every weight over ``levels`` (default uniform), e.g. a
         :class:`~pyro_bqn.distributions.QuantizedCategorical` favouring zero.
 
@@ -85,6 +95,8 @@ class QuantizedClassifier(PyroModule):
         self.architecture = architecture
         self.sizes = architecture.sizes
         modules = architecture.layers(quantized_layers(levels, activation, prior))
+        if activation == "sign-lr":  # Roth et al. also sample the output logits in training
+            modules.append(("sample_logits", LocalReparameterization()))
         # Positional children, so that parameter names are "body.<index>.weight".
         self.body = PyroModule[torch.nn.Sequential](*(module for _, module in modules))
         self.temperature = qnn.Temperature(self.sizes[-2] ** 0.5)
@@ -114,7 +126,7 @@ class QuantizedMLP(QuantizedClassifier):
 
     :param sizes: layer widths, input first, number of classes last (at least two entries).
     :param levels: weight levels of every layer (default ternary).
-    :param activation: ``"sign"`` or ``"relu"``.
+    :param activation: a key of :data:`ACTIVATIONS` (``"sign"``, ``"relu"``, ``"sign-lr"``).
     :param prior: prior of every weight over ``levels`` (default uniform).
     """
 

@@ -39,9 +39,8 @@ def test_sizes_are_validated(sizes):
 
 @pytest.mark.parametrize("activation", ["tanh", "Sign", None])
 def test_activation_is_validated(activation):
-    with pytest.raises(
-        ValueError, match=rf"activation must be one of \['relu', 'sign'\], got {activation!r}"
-    ):
+    expected = rf"activation must be one of \['relu', 'sign', 'sign-lr'\], got {activation!r}"
+    with pytest.raises(ValueError, match=expected):
         QuantizedMLP((4, 3), activation=activation)
 
 

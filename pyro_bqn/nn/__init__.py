@@ -2,6 +2,7 @@
 
 from pyro_bqn.nn.batch_norm import BatchNorm1d, BatchNorm2d
 from pyro_bqn.nn.flatten import Flatten
+from pyro_bqn.nn.local_reparameterization import LocalReparameterization, RelaxedSign
 from pyro_bqn.nn.pooling import AvgPool2d, MaxPool2d
 from pyro_bqn.nn.quantized_activation import QuantizedActivation, Sign
 from pyro_bqn.nn.quantized_conv import QuantizedConv2d
@@ -15,11 +16,13 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "Flatten",
+    "LocalReparameterization",
     "MaxPool2d",
     "QuantizedActivation",
     "QuantizedConv2d",
     "QuantizedLinear",
     "ReLU",
+    "RelaxedSign",
     "Sign",
     "Temperature",
     "reestimate_batch_norm",
