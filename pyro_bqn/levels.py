@@ -34,6 +34,7 @@ __all__ = [
     "learnable",
     "check_levels",
     "from_spec",
+    "layer_levels",
     "LearnableThresholds",
 ]
 
@@ -303,3 +304,23 @@ def from_spec(text: str, max_bits: int = MAX_BITS) -> LevelSet:
             raise ValueError(f"levels: at most {2**max_bits} values, got {len(numbers)}")
         values = torch.tensor(numbers)
     return learnable(values) if learn else from_values(values)
+
+
+def layer_levels(model: torch.nn.Module) -> dict[str, list[float]]:
+    """``{module name: current level values}`` of every submodule of ``model`` that holds a
+    level set as ``levels`` (quantized layers and activations), in module order: e.g. the
+    learned levels of each layer, for a report.
+
+    Usage::
+
+        >>> import torch
+        >>> from pyro_bqn import QuantizedLinear
+        >>> model = torch.nn.Sequential(QuantizedLinear(3, 2, levels=ternary()))
+        >>> layer_levels(model)
+        {'0': [-1.0, 0.0, 1.0]}
+    """
+    return {
+        name: module.levels.values.detach().cpu().tolist()
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "levels", None), LevelSet)
+    }

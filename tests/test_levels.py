@@ -236,3 +236,21 @@ def test_learnable_thresholds_stay_strictly_increasing(first, raw_gaps):
 def test_learnable_thresholds_refuse_bad_init(init, message):
     with pytest.raises(ValueError, match=message):
         levels.LearnableThresholds(init)
+
+
+def test_layer_levels_lists_each_layers_current_levels():
+    from pyro_bqn.nn import QuantizedActivation, QuantizedLinear
+
+    shared = levels.learnable([-1.0, -0.2, 0.4, 1.2])
+    model = torch.nn.Sequential(
+        QuantizedLinear(3, 4, levels=shared.copy()),
+        QuantizedActivation(levels.ternary()),
+        QuantizedLinear(4, 2, levels=shared.copy()),
+    )
+    with torch.no_grad():
+        model[2].levels.first.fill_(-3.0)
+    found = levels.layer_levels(model)
+    assert list(found) == ["0", "1", "2"]
+    assert found["1"] == [-1.0, 0.0, 1.0]
+    assert found["0"] == pytest.approx([-1.0, -0.2, 0.4, 1.2], abs=1e-6)
+    assert found["2"][0] == -3.0
