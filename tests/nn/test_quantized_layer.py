@@ -53,7 +53,11 @@ def _check_against_mc(op, x_shape, w_shape, levels, input_random, seed, sampled_
         samples = torch.stack([op(xi, wi) for xi, wi in zip(xs, w, strict=True)])
     else:
         samples = sampled_op(xs, w)
-    assert_mean_var_match(samples, out.mean, out.var)
+    # The standard error of a sample variance, sqrt((m4 - var^2) / S), vanishes for a
+    # two-valued output with equal weights (one binary weight times a fixed input, at a
+    # convolution's border), where terms of order var / S (the estimate's bias among them)
+    # remain: they are allowed for.
+    assert_mean_var_match(samples, out.mean, out.var, atol=5 * out.var.max().item() / NUM_SAMPLES)
 
 
 @settings(max_examples=12, deadline=None)
