@@ -391,8 +391,11 @@ METHODS: dict[str, Method] = {
         "Monte Carlo predictive",
         train=_bayesbinn,
         bits_per_weight=lambda c: 1,
-        defaults={"mlp": {"lr": 2e-2}, "cnn": {"lr": 2e-2}},
-        grid=_LR_GRID,
+        # The authors' MNIST setting (their scale, tau 1e-10, |lambda| 10 at the start, cosine
+        # decay); the learning rate barely matters there (flat from 1e-4 to 1e-1 on the
+        # validation split), so the grid is short.
+        defaults={"mlp": {"lr": 1e-4}, "cnn": {"lr": 1e-4}},
+        grid={"lr": (1e-4, 1e-2)},
     ),
     "float": Method(
         paper="full-precision network (ReLU, Adam)",

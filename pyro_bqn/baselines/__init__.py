@@ -18,6 +18,10 @@ helper (:func:`predict_proba`):
 """
 
 from pyro_bqn.baselines.bayesbinn import (
+    AUTHORS_EPS,
+    BAYESBINN_ACTIVATIONS,
+    GRADIENT_SCALES,
+    PREDICTION_MODES,
     BayesBiNN,
     bayesbinn_mlp,
     bayesbinn_network,
@@ -36,20 +40,30 @@ from pyro_bqn.baselines.gaussian_bnn import (
 )
 from pyro_bqn.baselines.mlp import MLP, LogitScale, Network, mlp_architecture
 from pyro_bqn.baselines.ste import (
+    LR_SCHEDULES,
     SignSTE,
     STEConv2d,
     STELinear,
+    STEWeight,
     clip_latent_weights_,
     export_quantized_weights,
+    glorot_lr_scale,
     quantize_ste,
     sign_ste,
+    ste_layers,
     ste_mlp,
     ste_network,
     train_ste,
+    train_with_lr_schedule,
 )
 from pyro_bqn.baselines.training import predict_proba, train
 
 __all__ = [
+    "AUTHORS_EPS",
+    "BAYESBINN_ACTIVATIONS",
+    "GRADIENT_SCALES",
+    "LR_SCHEDULES",
+    "PREDICTION_MODES",
     "MLP",
     "Network",
     "AutoNormalAnalyticKL",
@@ -59,6 +73,7 @@ __all__ = [
     "QuantizedEnsemble",
     "STEConv2d",
     "STELinear",
+    "STEWeight",
     "SignSTE",
     "bayesbinn_mlp",
     "bayesbinn_network",
@@ -69,12 +84,14 @@ __all__ = [
     "export_quantized_weights",
     "fit_ensemble",
     "float_mlp",
+    "glorot_lr_scale",
     "mlp_architecture",
     "gaussian_bnn_predict_proba",
     "predict_proba",
     "quantize_ste",
     "sign_ste",
     "split_binary_parameters",
+    "ste_layers",
     "ste_mlp",
     "ste_network",
     "train",
@@ -82,4 +99,5 @@ __all__ = [
     "train_binarized",
     "train_gaussian_bnn",
     "train_ste",
+    "train_with_lr_schedule",
 ]
