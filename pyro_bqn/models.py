@@ -18,8 +18,12 @@ from pyro_bqn.moments import Moments
 from pyro_bqn.nn.local_reparameterization import LocalReparameterization, RelaxedSign
 from pyro_bqn.nn.quantized_conv import QuantizedConv2d
 from pyro_bqn.nn.quantized_linear import QuantizedLinear
+from pyro_bqn.priors import PriorFactory
 
 __all__ = ["ACTIVATIONS", "QuantizedClassifier", "QuantizedMLP", "quantized_layers"]
+
+#: A weight prior: a distribution over the levels or a prior factory (:mod:`pyro_bqn.priors`).
+Prior = TorchDistributionMixin | PriorFactory | None
 
 ACTIVATIONS = {
     "sign": qnn.Sign,
@@ -31,16 +35,26 @@ ACTIVATIONS = {
 
 
 def quantized_layers(
-    levels: LevelSet, activation: str = "sign", prior: TorchDistributionMixin | None = None
+    levels: LevelSet, activation: str = "sign", prior: Prior = None
 ) -> Layers:
     """The :class:`~pyro_bqn.architectures.Layers` of a Bayesian quantized network: quantized
-    linear and convolution layers over ``levels`` (with ``prior``, default uniform), moment
-    batch norm, the ``activation`` (a key of :data:`ACTIVATIONS`) and Clark's max pooling."""
+    linear and convolution layers over ``levels`` (with ``prior``, default uniform; each
+    layer gets its own copy of learnable levels), moment batch norm, the ``activation`` (a
+    key of :data:`ACTIVATIONS`) and Clark's max pooling."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
+    def own_levels(layer: type[QuantizedLinear] | type[QuantizedConv2d]):
+        # Learnable levels are per layer (Chien et al.): each layer learns its own copy.
+        def build(*args, **kwargs):
+            mine = levels.copy() if levels.learnable else levels
+            return layer(*args, levels=mine, prior=prior, **kwargs)
+
+        return build
+
     return Layers(
-        linear=partial(QuantizedLinear, levels=levels, prior=prior),
-        conv=partial(QuantizedConv2d, levels=levels, prior=prior),
+        linear=own_levels(QuantizedLinear),
+        conv=own_levels(QuantizedConv2d),
         batch_norm1d=qnn.BatchNorm1d,
         batch_norm2d=qnn.BatchNorm2d,
         activation=ACTIVATIONS[activation],
@@ -68,14 +82,16 @@ class QuantizedClassifier(PyroModule):
         torch.Size([2])
 
     :param architecture: the network's shape.
-    :param levels: weight levels of every layer (default ternary).
+    :param levels: weight levels of every layer (default ternary); each layer learns its
+        own copy of learnable levels.
     :param activation: ``"sign"`` (binary activations, as in Binarized Neural Networks; with
         :class:`~pyro_bqn.DeterministicELBO` this is the probabilistic forward pass),
         ``"relu"``, or ``"sign-lr"``: Roth et al.'s local reparameterization, signs drawn
         from a relaxed sample in training and the output logits sampled
         (:mod:`pyro_bqn.nn.local_reparameterization`).
-    :param prior: prior of every weight over ``levels`` (default uniform), e.g. a
-        :class:`~pyro_bqn.distributions.QuantizedCategorical` favouring zero.
+    :param prior: prior of every weight over ``levels`` (default uniform): a distribution
+        over the levels or a factory of :mod:`pyro_bqn.priors` (e.g. a categorical prior
+        favouring zero, or Chien et al.'s multiple spike-and-slab).
 
     ``forward(x, y=None, num_data=None)``: ``x`` of shape ``(B, ...)`` (flat or of the
     architecture's input shape), labels ``y`` of shape ``(B,)``; ``num_data`` is the size of
@@ -88,7 +104,7 @@ class QuantizedClassifier(PyroModule):
         architecture: Architecture,
         levels: LevelSet | None = None,
         activation: str = "sign",
-        prior: TorchDistributionMixin | None = None,
+        prior: Prior = None,
     ) -> None:
         super().__init__()
         levels = levels if levels is not None else ternary()
@@ -125,7 +141,8 @@ class QuantizedMLP(QuantizedClassifier):
     temperature.
 
     :param sizes: layer widths, input first, number of classes last (at least two entries).
-    :param levels: weight levels of every layer (default ternary).
+    :param levels: weight levels of every layer (default ternary); each layer learns its
+        own copy of learnable levels.
     :param activation: a key of :data:`ACTIVATIONS` (``"sign"``, ``"relu"``, ``"sign-lr"``).
     :param prior: prior of every weight over ``levels`` (default uniform).
     """
@@ -135,7 +152,7 @@ class QuantizedMLP(QuantizedClassifier):
         sizes: Sequence[int],
         levels: LevelSet | None = None,
         activation: str = "sign",
-        prior: TorchDistributionMixin | None = None,
+        prior: Prior = None,
     ) -> None:
         if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
             raise ValueError(f"sizes must list at least two positive widths, got {list(sizes)}")

@@ -205,3 +205,17 @@ def test_a_quantized_cnn_takes_flat_or_image_inputs_and_names_its_weights_by_pos
 def _weight_sites(model, x):
     trace = poutine.trace(model).get_trace(x)
     return [(n, s) for n, s in trace.nodes.items() if s["type"] == "sample" and "body" in n]
+
+
+def test_each_layer_learns_its_own_copy_of_learnable_levels():
+    pyro.clear_param_store()
+    model = QuantizedMLP((3, 4, 2), levels=qlevels.learnable([-1.0, -0.2, 0.4, 1.2]))
+    guide = AutoQuantizedGuide(model)
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    guide(x, y)
+    DeterministicELBO().loss(model, guide, x, y)
+    names = [name for name in pyro.get_param_store() if "levels" in name]
+    assert any(name.startswith("body.1.levels") for name in names)
+    assert any(name.startswith("body.4.levels") for name in names)
+    first, second = model.body[1].levels, model.body[4].levels
+    assert first is not second and torch.equal(first.values, second.values)

@@ -45,9 +45,10 @@ def most_probable_sparsity(guide: AutoQuantizedGuide) -> float | None:
     zeros = total = 0
     for name in guide.quantized_sites:
         posterior = guide.exact_posterior(name)
-        at_zero = (posterior.levels == 0).nonzero()
-        if at_zero.numel():
-            mode = posterior.probs.argmax(-1)
-            zeros += int((mode == at_zero[0, 0]).sum())
+        if (posterior.levels == 0).any():
+            # The mode of every posterior kind the guide has (categorical, partition,
+            # spike-and-slab, whose full-precision outliers are not zero).
+            mode = posterior.mode
+            zeros += int((mode == 0).sum())
             total += mode.numel()
     return zeros / total if total else None

@@ -38,3 +38,17 @@ def test_sparsity_of_levels_without_zero_is_none_and_an_unrun_guide_is_refused()
 def test_zero_share_of_tensors():
     assert zero_share([torch.tensor([0.0, 2.0]), torch.zeros(3)]) == pytest.approx(4 / 5)
     assert zero_share([]) is None
+
+
+def test_sparsity_of_a_spike_and_slab_posterior_counts_its_mode():
+    from pyro_bqn import priors
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    prior = priors.parse_prior("spike-and-slab:slab_prob=0.05")
+    model = QuantizedMLP((3, 4, 2), levels=levels.ternary(), prior=prior)
+    guide = AutoQuantizedGuide(model, posterior="spike-and-slab")
+    guide(torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    modes = guide.median()
+    weights = [modes[name] for name in guide.quantized_sites]
+    assert most_probable_sparsity(guide) == pytest.approx(zero_share(weights))
