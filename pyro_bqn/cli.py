@@ -23,6 +23,7 @@ import pyro
 import torch
 
 from pyro_bqn import levels as qlevels
+from pyro_bqn import priors
 from pyro_bqn.architectures import ARCHITECTURES, Architecture
 from pyro_bqn.atomic_files import write_text
 from pyro_bqn.data import DATASET_NAMES, Dataset, load_dataset, shifted_images
@@ -38,7 +39,6 @@ from pyro_bqn.diagnostics import (
     reliability_diagram,
     save_figure,
 )
-from pyro_bqn.distributions import QuantizedCategorical
 from pyro_bqn.export import export_network
 from pyro_bqn.infer import (
     AutoQuantizedGuide,
@@ -47,9 +47,11 @@ from pyro_bqn.infer import (
     predict,
     predict_by_sampling,
 )
+from pyro_bqn.infer.auto_quantized_guide import POSTERIORS
 from pyro_bqn.levels import LevelSet
 from pyro_bqn.models import ACTIVATIONS, QuantizedClassifier
 from pyro_bqn.output_folder import OutputFolder
+from pyro_bqn.priors import PriorFactory
 from pyro_bqn.results import METRIC_COLUMNS, markdown_table, metrics_row
 
 __all__ = ["main", "parse_levels", "parse_hidden"]
@@ -71,27 +73,11 @@ class UsageError(ValueError):
 
 
 def parse_levels(text: str) -> LevelSet:
-    """``binary``, ``ternary``, ``<n>bit`` (``2**n`` uniform levels) or comma-separated values."""
-    name = text.strip().lower()
-    if name == "binary":
-        return qlevels.binary()
-    if name == "ternary":
-        return qlevels.ternary()
-    if name.endswith("bit") and name[:-3].isdigit():
-        bits = int(name[:-3])
-        if not 1 <= bits <= MAX_BITS:
-            raise UsageError(f"--levels <n>bit needs 1 <= n <= {MAX_BITS}, got {text!r}")
-        return qlevels.uniform(bits)
+    """``--levels``: ``binary``, ``ternary``, ``<n>bit`` (``2**n`` uniform levels, up to
+    :data:`MAX_BITS`) or comma-separated values, optionally after ``learnable:``
+    (:func:`pyro_bqn.levels.from_spec`)."""
     try:
-        values = [float(v) for v in name.split(",")]
-    except ValueError:
-        raise UsageError(
-            f"--levels must be binary, ternary, <n>bit or comma-separated numbers, got {text!r}"
-        ) from None
-    if len(values) > 2**MAX_BITS:
-        raise UsageError(f"--levels: at most {2**MAX_BITS} values, got {len(values)}")
-    try:
-        return qlevels.from_values(values)
+        return qlevels.from_spec(text, MAX_BITS)
     except ValueError as error:
         raise UsageError(f"--levels: {error}") from None
 
@@ -152,7 +138,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         f"channels, conv2 channels, dense width (default {DEFAULT_HIDDEN['cnn']}, LeNet-5)",
     )
     parser.add_argument(
-        "--levels", default="ternary", help="binary, ternary, <n>bit or comma-separated values"
+        "--levels",
+        default="ternary",
+        help="binary, ternary, <n>bit or comma-separated values, optionally after "
+        "'learnable:' (each layer then learns its own levels)",
     )
     parser.add_argument("--epochs", type=_positive_int(), default=12)
     parser.add_argument("--batch-size", type=_positive_int(10**8), default=100)
@@ -162,6 +151,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         default=1e-3,
         help="beta in -ELL + beta*KL; 1 is the true ELBO, smaller values "
         "temper the posterior (default 1e-3, see the docs)",
+    )
+    parser.add_argument(
+        "--prior",
+        help="weight prior: categorical, categorical:zero_mass=P, or spike-and-slab[:slab_prob="
+        "..,slab_scale=..,spike_scale=..] (Chien et al.'s multiple spike-and-slab)",
     )
     parser.add_argument(
         "--prior-zero",
@@ -184,6 +178,14 @@ def _build_parser() -> argparse.ArgumentParser:
     fit_parser = commands.add_parser("fit", help="train one sampling-free BQN and report")
     _add_training_arguments(fit_parser)
     fit_parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="sign")
+    fit_parser.add_argument(
+        "--posterior",
+        choices=POSTERIORS,
+        default="categorical",
+        help="each weight's posterior: categorical over the levels, partition (a latent "
+        "Gaussian weight quantized by learned thresholds) or spike-and-slab (needs a "
+        "spike-and-slab --prior)",
+    )
     fit_parser.add_argument(
         "--lr",
         type=_number(float, 0, MAX_LR, low_open=True),
@@ -270,19 +272,23 @@ def _architecture(args: argparse.Namespace, data: Dataset, levels: LevelSet) -> 
     return architecture
 
 
-def _prior(levels: LevelSet, prior_zero: float | None) -> QuantizedCategorical | None:
-    """The weight prior of ``--prior-zero``: mass ``P`` on level 0, ``(1 - P) / (K - 1)`` on
-    each other level."""
-    if prior_zero is None:
+def _prior(args: argparse.Namespace, levels: LevelSet) -> PriorFactory | None:
+    """The weight prior of ``--prior`` (:func:`pyro_bqn.priors.parse_prior`) or of
+    ``--prior-zero P`` (mass ``P`` on level 0, the rest shared by the other levels)."""
+    if args.prior is not None and args.prior_zero is not None:
+        raise UsageError("give --prior or --prior-zero, not both")
+    if args.prior is not None:
+        try:
+            return priors.parse_prior(args.prior)
+        except ValueError as error:
+            raise UsageError(f"--prior: {error}") from None
+    if args.prior_zero is None:
         return None
-    zero = (levels.values == 0).nonzero()
-    if zero.numel() == 0:
+    if not levels.learnable and not (levels.values == 0).any():
         raise UsageError(f"--prior-zero needs levels that hold 0, got {levels.values.tolist()}")
-    if prior_zero == 1:
+    if args.prior_zero == 1:
         raise UsageError("--prior-zero must be below 1 (1 would forbid every other level)")
-    probs = torch.full_like(levels.values, (1 - prior_zero) / (levels.num_levels - 1))
-    probs[zero[0, 0]] = prior_zero
-    return QuantizedCategorical(levels, probs=probs)
+    return priors.CategoricalPrior(zero_mass=args.prior_zero)
 
 
 def _record_arguments(args: argparse.Namespace, output: OutputFolder) -> None:
@@ -310,7 +316,7 @@ def _fit(args: argparse.Namespace) -> dict:
     levels = parse_levels(args.levels)
     data = _load(args.dataset)
     architecture = _architecture(args, data, levels)
-    prior = _prior(levels, args.prior_zero)
+    prior = _prior(args, levels)
     output = OutputFolder(args.output, overwrite=args.overwrite, resume=args.resume)
     output.prepare()
     _record_arguments(args, output)
@@ -318,7 +324,7 @@ def _fit(args: argparse.Namespace) -> dict:
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     model = QuantizedClassifier(architecture, levels, args.activation, prior)
-    guide = AutoQuantizedGuide(model)
+    guide = AutoQuantizedGuide(model, posterior=args.posterior)
     recorder = PosteriorSummaryRecorder(guide)
     history = fit(
         model,
@@ -343,7 +349,9 @@ def _fit(args: argparse.Namespace) -> dict:
         "hidden": list(architecture.hidden),
         "sizes": list(architecture.sizes),
         "levels": levels.values.tolist(),
-        "prior_zero": args.prior_zero,
+        "learnable_levels": levels.learnable,
+        "prior": None if prior is None else prior.to_spec(),
+        "posterior": args.posterior,
         "activation": args.activation,
         "kl_weight": args.kl_weight,
         "seed": args.seed,
@@ -360,6 +368,10 @@ def _evaluate_fit(args, model, guide, data: Dataset, results: dict, folder: Path
     ``folder``."""
     probs = predict(model, guide, data.x_test)
     results["test"] = calibration_report(probs, data.y_test, num_bins=args.num_bins)
+    results["learned_levels"] = {
+        name: [round(value, 4) for value in values]
+        for name, values in qlevels.layer_levels(model).items()
+    }
     if args.mc_samples > 0:
         sampled = predict_by_sampling(model, guide, data.x_test, num_samples=args.mc_samples)
         results["test_sampled_networks"] = calibration_report(
@@ -427,11 +439,15 @@ def _write_fit(output: Path, results: dict, probs, data: Dataset, guide, num_bin
         f"# pyro-bqn fit: {results['dataset']}",
         "",
         f"Network {shape}, levels {results['levels']}, "
-        f"{results['activation']} activations, KL weight {results['kl_weight']}, "
+        f"{results['activation']} activations, {results['posterior']} posterior, prior "
+        f"{results['prior'] or 'uniform'}, KL weight {results['kl_weight']}, "
         f"seed {results['seed']}, {results['train_seconds']:.1f} s of training.",
         "",
         markdown_table(["predictive", *METRIC_COLUMNS.values()], rows),
     ]
+    if results["learnable_levels"]:
+        lines += ["", "Learned levels per layer:", ""]
+        lines += [f"- `{name}`: {values}" for name, values in results["learned_levels"].items()]
     if network.get("sparsity") is not None:
         lines.append(f"Sparsity of the most probable network: {network['sparsity']:.3f}.")
     if "test_sampled_networks" in results:
@@ -504,7 +520,7 @@ def _bench(args: argparse.Namespace) -> list[dict]:
         batch_size=args.batch_size,
         kl_weight=args.kl_weight,
         mc_particles=args.mc_particles,
-        prior=_prior(levels, args.prior_zero),
+        prior=_prior(args, levels),
         progress=not args.no_progress,
     )
     tuning_data = _load(args.dataset, val_fraction=args.val_fraction) if args.tune else None

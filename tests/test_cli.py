@@ -67,6 +67,9 @@ def _error(argv, capsys) -> str:
         ("--arch", "cnn", "needs image inputs"),  # breast-cancer is a table
         ("--prior-zero", "1", "must be below 1"),
         ("--prior-zero", "0", "must be in"),
+        ("--prior", "gaussian", "prior must be one of"),
+        ("--prior", "spike-and-slab:slab_prob=2", "slab_prob"),
+        ("--posterior", "normal", "invalid choice"),
     ],
 )
 def test_a_bad_argument_is_one_line_before_any_work(
@@ -135,6 +138,8 @@ _OPTIONS = [
     "--mc-samples",
     "--activation",
     "--dataset",
+    "--prior",
+    "--posterior",
 ]
 
 
@@ -223,9 +228,25 @@ def test_fit_trains_a_cnn_with_a_zero_favouring_prior_and_reports_its_sparsity(t
     argv = ["fit", *TINY[2:], "--dataset", "digits", "--arch", "cnn", "--hidden", "2,4,8"]
     cli.main([*argv, "--epochs", "1", "--prior-zero", "0.9", "--output", str(tmp_path / "c")])
     metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
-    assert metrics["architecture"] == "cnn" and metrics["prior_zero"] == 0.9
+    assert metrics["architecture"] == "cnn" and metrics["prior"] == "categorical:zero_mass=0.9"
     sparsity = metrics["most_probable_network"]["sparsity"]
     assert 0 <= sparsity <= 1 and metrics["history"][-1]["sparsity"] == sparsity
     assert f"Sparsity of the most probable network: {sparsity:.3f}" in (
         tmp_path / "c" / "summary.md"
     ).read_text()
+
+
+def test_fit_learns_per_layer_levels_under_chiens_prior_and_posterior(tmp_path):
+    argv = ["fit", *TINY, "--epochs", "1", "--levels", "learnable:-1,-0.2,0.4,1.2"]
+    argv += ["--prior", "spike-and-slab:slab_prob=0.05", "--posterior", "spike-and-slab"]
+    cli.main([*argv, "--output", str(tmp_path / "chien")])
+    metrics = json.loads((tmp_path / "chien" / "metrics.json").read_text())
+    assert metrics["prior"].startswith("spike-and-slab:slab_prob=0.05")
+    assert {"body.1", "body.4"} <= set(metrics["learned_levels"])  # and the Sign, body.3
+    summary = (tmp_path / "chien" / "summary.md").read_text()
+    assert "Learned levels per layer" in summary and "`body.4`" in summary
+
+
+def test_prior_and_prior_zero_are_exclusive(tmp_path, capsys, no_training):
+    argv = ["fit", *TINY, "--prior", "categorical", "--prior-zero", "0.5"]
+    assert "not both" in _error([*argv, "--output", str(tmp_path / "x")], capsys)

@@ -1,13 +1,15 @@
 """Sampling-free summaries of a quantized posterior, per quantized site (layer).
 
-Everything is computed from the guide's exact categorical probabilities ``q`` (shape
-``(*weight_shape, K)`` per site), never from draws:
+Everything is computed from the guide's exact probabilities ``q`` of each weight's
+components (shape ``(*weight_shape, K)`` per site: its levels; a spike-and-slab posterior
+has a slab as a ``K + 1``-th component), never from draws:
 
 * ``entropy`` — mean over weights of ``H(q) = -sum_k q_k log q_k``, in nats; ``0`` when
   every weight is certain, ``max_entropy = log K`` when every weight is uniform.
 * ``occupancy`` — expected share of weights on each level, ``mean over weights of q_k``;
-  sums to one over a site's levels.
-* ``sparsity`` — share of weights whose most probable level is ``0``. A level set without
+  sums to one over a site's levels (to one less the slab's share for a spike-and-slab
+  posterior).
+* ``sparsity`` — share of weights whose posterior mode is ``0``. A level set without
   ``0`` (binary, ``uniform(bits)``) cannot be sparse: its sparsity is ``NaN`` ("not
   applicable"), not ``0``, so that averaging layers with ``nanmean`` skips it.
 * ``certain_share`` — share of weights whose largest probability exceeds ``threshold``.
@@ -28,6 +30,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from pyro_bqn.distributions.multiple_spike_and_slab import MultipleSpikeAndSlab
 from pyro_bqn.infer.auto_quantized_guide import AutoQuantizedGuide
 
 __all__ = [
@@ -58,6 +61,16 @@ def _quantized_sites(guide: AutoQuantizedGuide, sites: Sequence[str] | None) -> 
     return list(sites)
 
 
+def _component_probs(posterior) -> torch.Tensor:
+    """Each weight's probabilities of its mixture components, ``(num_weights, K)`` for a
+    categorical over the levels, ``(num_weights, K + 1)`` for a spike-and-slab posterior
+    (the slab last), in float64."""
+    if isinstance(posterior, MultipleSpikeAndSlab):
+        weights = posterior.log_weights.exp()
+        return weights.reshape(-1, posterior.num_levels + 1).double()
+    return posterior.probs.reshape(-1, posterior.num_levels).double()
+
+
 @torch.no_grad()
 def posterior_summary(
     guide: AutoQuantizedGuide, threshold: float = 0.99, sites: Sequence[str] | None = None
@@ -85,14 +98,13 @@ def posterior_summary(
     occupancy = np.full((len(names), all_levels.size), np.nan)
     entropy, sparsity, certain, num_weights = [], [], [], []
     for row, (posterior, site_levels) in enumerate(zip(posteriors, levels, strict=True)):
-        probs = posterior.probs.reshape(-1, posterior.num_levels).double()
+        components = _component_probs(posterior)
+        probs = components[:, : posterior.num_levels]
         occupancy[row, np.searchsorted(all_levels, site_levels)] = probs.mean(0).cpu().numpy()
-        entropy.append(posterior.entropy().double().mean().item())
-        certain.append((probs.max(-1).values > threshold).double().mean().item())
-        zero = np.flatnonzero(site_levels == 0)
-        sparsity.append(
-            (probs.argmax(-1) == int(zero[0])).double().mean().item() if zero.size else math.nan
-        )
+        entropy.append(torch.special.entr(components).sum(-1).mean().item())
+        certain.append((components.max(-1).values > threshold).double().mean().item())
+        has_zero = bool((site_levels == 0).any())
+        sparsity.append((posterior.mode == 0).double().mean().item() if has_zero else math.nan)
         num_weights.append(probs.shape[0])
 
     site_coords = {
