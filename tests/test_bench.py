@@ -96,11 +96,15 @@ def test_every_method_trains_and_predicts_in_both_architectures(name, kind):
     data = _tiny_images()
     run = run_method(name, config, data, seed=0)
     assert 0 <= run.metrics["error"] <= 1 and run.metrics["nll"] > 0
-    assert run.size_kib == pytest.approx(
+    weights_kib = (
         config.architecture.num_weights
         * run.bits_per_weight
         * METHODS[name].copies(config)
         / 8
         / 1024
     )
+    if name == "chien":  # plus its full-precision outliers
+        assert run.size_kib >= weights_kib
+    else:
+        assert run.size_kib == pytest.approx(weights_kib)
     assert run.sparsity is None or 0 <= run.sparsity <= 1
