@@ -176,10 +176,36 @@ def _nll_curve(data: Dataset, probs_fn: Callable[[], torch.Tensor]):
     return curve, record
 
 
-def _bqn(config: BenchConfig, data: Dataset, seed: int, settings, *, sampled: bool) -> Trained:
-    """The same Pyro model and guide; sampling-free (DeterministicELBO) or MC-ELBO."""
+def _fresh_store(seed: int) -> None:
+    """An empty param store and seeded generators, before a Pyro model is built."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
+
+
+def _fit_posterior(config: BenchConfig, data: Dataset, seed: int, settings, model, guide, **kw):
+    """Train a Pyro model and guide with :func:`~pyro_bqn.fit` at the settings' learning
+    rate and the shared KL weight; return the training seconds."""
+    history = fit(
+        model,
+        guide,
+        data.x_train,
+        data.y_train,
+        lr=settings["lr"],
+        kl_weight=config.kl_weight,
+        **kw,
+        **_common(config, seed),
+    )
+    return sum(h["seconds"] for h in history)
+
+
+def _most_probable_network(model, guide, data: Dataset):
+    """The most probable network, with batch-norm statistics re-estimated for it."""
+    return export_network(model, guide, data.x_train[:2], batch_norm_data=data.x_train)
+
+
+def _bqn(config: BenchConfig, data: Dataset, seed: int, settings, *, sampled: bool) -> Trained:
+    """The same Pyro model and guide; sampling-free (DeterministicELBO) or MC-ELBO."""
+    _fresh_store(seed)
     model = QuantizedClassifier(config.architecture, config.levels, prior=config.prior)
     guide = AutoQuantizedGuide(model)
     if sampled:
@@ -199,43 +225,23 @@ def _bqn(config: BenchConfig, data: Dataset, seed: int, settings, *, sampled: bo
             return predict(model, guide, data.x_test)
 
     curve, record = _nll_curve(data, probs)
-    history = fit(
-        train_model,
-        train_guide,
-        data.x_train,
-        data.y_train,
-        lr=settings["lr"],
-        elbo=elbo,
-        kl_weight=config.kl_weight,
-        callback=record,
-        **_common(config, seed),
+    seconds = _fit_posterior(
+        config, data, seed, settings, train_model, train_guide, elbo=elbo, callback=record
     )
-    seconds = sum(h["seconds"] for h in history)
     return Trained(probs(), seconds, curve, most_probable_sparsity(guide))
 
 
 def _local_reparameterization(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
     """Roth et al.: sampled relaxed signs and logits in training, the most probable network
     (with batch-norm statistics of its own) deployed."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
+    _fresh_store(seed)
     model = QuantizedClassifier(config.architecture, config.levels, "sign-lr", config.prior)
     for module in model.modules():  # the relaxation temperature is one of the settings
         if isinstance(module, RelaxedSign):
             module.temperature = settings["temperature"]
     guide = AutoQuantizedGuide(model)
-    history = fit(
-        model,
-        guide,
-        data.x_train,
-        data.y_train,
-        lr=settings["lr"],
-        kl_weight=config.kl_weight,
-        **_common(config, seed),
-    )
-    network = export_network(model, guide, data.x_train[:2], batch_norm_data=data.x_train)
-    probs = network.run(model, data.x_test)
-    seconds = sum(h["seconds"] for h in history)
+    seconds = _fit_posterior(config, data, seed, settings, model, guide)
+    probs = _most_probable_network(model, guide, data).run(model, data.x_test)
     return Trained(probs, seconds, [], most_probable_sparsity(guide))
 
 
@@ -243,38 +249,40 @@ def _chien(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
     """Chien et al.: per-layer learnable levels (starting at ``config.levels``), a multiple
     spike-and-slab prior and a spike-and-slab posterior; the most probable network keeps
     its outliers at full precision."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
+    _fresh_store(seed)
     levels = learnable(config.levels.values.detach())
     prior = SpikeAndSlabPrior(slab_prob=settings["slab_prob"])
     model = QuantizedClassifier(config.architecture, levels, prior=prior)
     guide = AutoQuantizedGuide(model, posterior="spike-and-slab")
-    history = fit(
-        model,
-        guide,
-        data.x_train,
-        data.y_train,
-        lr=settings["lr"],
-        kl_weight=config.kl_weight,
-        **_common(config, seed),
-    )
-    network = export_network(model, guide, data.x_train[:2], batch_norm_data=data.x_train)
+    seconds = _fit_posterior(config, data, seed, settings, model, guide)
+    network = _most_probable_network(model, guide, data)
     outliers = sum(site.outlier_nbytes for site in network.quantized.values())
-    seconds = sum(h["seconds"] for h in history)
     probs = predict(model, guide, data.x_test)
     return Trained(probs, seconds, [], most_probable_sparsity(guide), outliers)
 
 
-def _ste(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
-    def train():
+def _train_network(config: BenchConfig, data: Dataset, seed: int, settings, build, train):
+    """Build a plain network with ``build(config)`` (torch seeded with ``seed``) and train
+    it with ``train(model, x, y, lr=..., epochs=..., ...)``; return it and the seconds."""
+
+    def run():
         torch.manual_seed(seed)
-        model = baselines.ste_network(config.architecture, config.levels.values)
-        baselines.train_ste(
-            model, data.x_train, data.y_train, lr=settings["lr"], **_common(config, seed)
-        )
+        model = build(config)
+        train(model, data.x_train, data.y_train, lr=settings["lr"], **_common(config, seed))
         return model
 
-    model, seconds = _timed(train)
+    return _timed(run)
+
+
+def _ste(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
+    model, seconds = _train_network(
+        config,
+        data,
+        seed,
+        settings,
+        lambda c: baselines.ste_network(c.architecture, c.levels.values),
+        baselines.train_ste,
+    )
     weights = baselines.export_quantized_weights(model).values()
     return Trained(baselines.predict_proba(model, data.x_test), seconds, [], zero_share(weights))
 
@@ -319,28 +327,26 @@ def _bayesbinn(config: BenchConfig, data: Dataset, seed: int, settings) -> Train
 
 
 def _binarized(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
-    def train():
-        torch.manual_seed(seed)
-        model = baselines.binarized_network(config.architecture)
-        baselines.train_binarized(
-            model, data.x_train, data.y_train, lr=settings["lr"], **_common(config, seed)
-        )
-        return model
-
-    model, seconds = _timed(train)
+    model, seconds = _train_network(
+        config,
+        data,
+        seed,
+        settings,
+        lambda c: baselines.binarized_network(c.architecture),
+        baselines.train_binarized,
+    )
     return Trained(baselines.predict_proba(model, data.x_test), seconds)
 
 
 def _float(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
-    def train():
-        torch.manual_seed(seed)
-        model = baselines.Network(config.architecture, TORCH_LAYERS)
-        baselines.train(
-            model, data.x_train, data.y_train, lr=settings["lr"], **_common(config, seed)
-        )
-        return model
-
-    model, seconds = _timed(train)
+    model, seconds = _train_network(
+        config,
+        data,
+        seed,
+        settings,
+        lambda c: baselines.Network(c.architecture, TORCH_LAYERS),
+        baselines.train,
+    )
     return Trained(baselines.predict_proba(model, data.x_test), seconds)
 
 
