@@ -415,7 +415,7 @@ METHODS: dict[str, Method] = {
         paper="straight-through quantized network (BinaryConnect / Hubara et al. weights)",
         train=_ste,
         bits_per_weight=_quantized_bits,
-        defaults={"mlp": {"lr": 1e-2}, "cnn": {"lr": 1e-2}},
+        defaults={"mlp": {"lr": 3e-2}, "cnn": {"lr": 3e-2}},
         grid=_LR_GRID,
     ),
     "binarized": Method(
@@ -430,7 +430,7 @@ METHODS: dict[str, Method] = {
         train=_eqnn,
         bits_per_weight=_quantized_bits,
         copies=lambda c: c.ensemble_members,
-        defaults={"mlp": {"lr": 1e-2}, "cnn": {"lr": 1e-2}},
+        defaults={"mlp": {"lr": 3e-2}, "cnn": {"lr": 3e-2}},
         grid=_LR_GRID,
     ),
     "bayesbinn": Method(
@@ -455,8 +455,8 @@ METHODS: dict[str, Method] = {
         paper="Gaussian mean-field BNN (Bayes by backprop), Monte Carlo predictive",
         train=_gaussian,
         bits_per_weight=lambda c: 64,
-        defaults={"mlp": {"lr": 1e-2}, "cnn": {"lr": 1e-2}},
-        grid={"lr": (3e-3, 1e-2, 3e-2)},
+        defaults={"mlp": {"lr": 3e-3}, "cnn": {"lr": 3e-3}},
+        grid={"lr": (1e-3, 3e-3, 1e-2)},
     ),
 }
 
