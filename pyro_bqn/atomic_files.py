@@ -26,12 +26,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_writer", "torch_save", "write_bytes", "write_text", "write_with"]
+__all__ = ["atomic_writer", "fsync_folder", "torch_save", "write_bytes", "write_text", "write_with"]
 
 PathLike = str | os.PathLike
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
     try:
         descriptor = os.open(folder, os.O_RDONLY)
@@ -72,7 +72,7 @@ def atomic_writer(path: PathLike, mode: int = 0o644) -> Iterator[IO[bytes]]:
         except OSError:
             pass
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
 
 
 def write_bytes(path: PathLike, data: bytes, mode: int = 0o644) -> None:

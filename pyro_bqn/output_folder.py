@@ -40,6 +40,8 @@ import os
 import shutil
 from pathlib import Path
 
+from pyro_bqn.atomic_files import fsync_folder
+
 __all__ = ["OutputFolder", "OutputFolderError"]
 
 _AT_FDCWD = -100
@@ -65,14 +67,6 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
         return False
     raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
-
-
-def _fsync(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class OutputFolder:
@@ -149,7 +143,7 @@ class OutputFolder:
     def commit(self) -> None:
         """Make the staging folder the output folder, in one atomic step where the system
         allows (see the module docstring), and remove the previous results."""
-        _fsync(self.staging)
+        fsync_folder(self.staging)
         if not self.path.exists():
             os.replace(self.staging, self.path)
         elif _exchange(self.staging, self.path):
@@ -161,4 +155,4 @@ class OutputFolder:
             os.replace(self.path, self.previous)
             os.replace(self.staging, self.path)
             shutil.rmtree(self.previous)
-        _fsync(self.path.parent)
+        fsync_folder(self.path.parent)

@@ -13,6 +13,7 @@ import torch
 from pyro.infer import ELBO, SVI
 from tqdm.auto import tqdm
 
+from pyro_bqn.atomic_files import PathLike
 from pyro_bqn.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bqn.infer.auto_quantized_guide import AutoQuantizedGuide
 from pyro_bqn.infer.deterministic_elbo import DeterministicELBO
@@ -20,9 +21,6 @@ from pyro_bqn.infer.sparsity import most_probable_sparsity
 from pyro_bqn.minibatches import minibatches, num_minibatches
 
 __all__ = ["fit"]
-
-PathLike = str | os.PathLike
-
 
 def _current_lr(optim: pyro.optim.PyroLRScheduler, initial: float) -> float:
     """The learning rate the schedulers hold now (``initial`` before any parameter exists)."""
