@@ -195,7 +195,7 @@ class AutoQuantizedGuide(AutoGuide):
                 levels = base.levels.detach()
                 w0 = self._init_weight(name, site["value"].to(levels.dtype))
                 if w0 is None:
-                    draw = torch.rand(site["value"].shape, dtype=levels.dtype)
+                    draw = torch.rand(site["value"].shape, dtype=levels.dtype, device=levels.device)
                     w0 = levels[0] + (levels[-1] - levels[0]) * draw
                 self._setup_quantized(name, base, w0, levels, fn.event_dim)
             elif base.support is constraints.real:
