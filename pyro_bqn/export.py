@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution
+from pyro.nn import PyroModule
 
 from pyro_bqn._state import (
     buffers_of,
@@ -370,12 +371,14 @@ class QuantizedNetwork:
         conditioned = CheckedConditionMessenger(self.weights())(model)
         with torch.no_grad(), training_mode(model, False):
             params = live_params(conditioned, *args, **kwargs)
+            own = _own_parameters(model, params)
             buffers = buffers_of(model)
             check_matching(params, self.params, "parameter", "the network")
             check_matching(buffers, self.buffers, "buffer", "the network")
             check_fixed_levels(model, self.buffers, "buffer", "the network")
-            with preserved(params), preserved(buffers):
+            with preserved(params), preserved(own), preserved(buffers):
                 copy_into(params, self.params)
+                copy_into(own, self.params)
                 copy_into(buffers, self.buffers)
                 trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
                 if site not in trace.nodes or trace.nodes[site]["type"] != "sample":
@@ -445,6 +448,30 @@ class QuantizedNetwork:
             )
         except ValueError as error:
             raise ValueError(f"{damaged}: {error}") from error
+
+
+def _own_parameters(model: Any, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{Pyro param name: nn.Parameter}`` of the plain ``nn.Parameter`` s of ``model``'s
+    PyroModules (e.g. a batch norm's ``weight`` and ``bias``) that the run reads under a
+    name of ``params`` but that are not the param store's tensor of that name.
+
+    A PyroModule computes with its own ``nn.Parameter`` and only *registers* it in the param
+    store; where the store already holds the name (another instance's tensor, such as the
+    trained model's beside a fresh one), the store's tensor is not the one the module reads.
+    (PyroParams, in contrast, read the store.) ``{}`` for a plain callable.
+    """
+    if not isinstance(model, PyroModule):
+        return {}
+    own = {}
+    for module in model.modules():
+        if not isinstance(module, PyroModule):
+            continue
+        for name, parameter in module.named_parameters(recurse=False):
+            # The Pyro name, as PyroModule.__getattr__ registers it (pyro 1.9).
+            fullname = module._pyro_get_fullname(name)
+            if fullname in params and params[fullname] is not parameter:
+                own[fullname] = parameter
+    return own
 
 
 def export_network(

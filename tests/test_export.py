@@ -179,6 +179,24 @@ def test_a_fresh_model_in_a_new_param_store_runs_the_loaded_network_identically(
     _assert_same_tensors(_state(fresh), fresh_state)
 
 
+def test_a_fresh_model_beside_the_trained_one_runs_the_network_with_its_batch_norm_affine():
+    # The param store still holds the trained model's batch-norm weight and bias; the fresh
+    # model's batch norms read their own nn.Parameters (1 and 0), which the run must set.
+    run = trained_mlp(steps=10)
+    network = export_network(run.model, run.guide, run.x)
+    assert not torch.allclose(network.params["body.2.weight"], torch.ones(SIZES[1]))
+    expected = network.run(run.model, run.x)
+
+    fresh = QuantizedMLP(SIZES)
+    fresh(run.x)  # its PyroParams (the temperature) now read the store's trained values
+    fresh_state = _state(fresh)
+    store_before = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    assert torch.equal(network.run(fresh, run.x), expected)
+    _assert_same_tensors(_state(fresh), fresh_state)
+    store_after = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    _assert_same_tensors(store_after, store_before)
+
+
 def test_reestimated_batch_norm_statistics_are_the_networks_own_and_the_model_is_unchanged():
     run = trained_mlp()
     before = _state(run.model)
