@@ -45,7 +45,17 @@ def test_reliability_diagram_with_empty_bins(tmp_path):
     # All confidences are 1: fourteen of fifteen bins are empty and must be left blank.
     probs = torch.eye(3).repeat(2, 1)
     fig = reliability_diagram(probs, torch.tensor([0, 1, 2, 0, 1, 1]))
-    save_figure(fig, tmp_path / "one_bin.png")
+    bars, counts = fig.axes
+    # One accuracy bar and one gap bar, both in the last bin (centre 1 - 1/30), nothing else.
+    assert len(bars.patches) == 2
+    for patch in bars.patches:
+        assert patch.get_x() + patch.get_width() / 2 == pytest.approx(29 / 30)
+    accuracy, gap = bars.patches
+    assert accuracy.get_height() == pytest.approx(5 / 6)  # only the last row is mislabelled
+    assert gap.get_height() == pytest.approx(1 / 6)
+    (dots,) = counts.lines
+    assert list(dots.get_xdata()) == [pytest.approx(29 / 30)] and list(dots.get_ydata()) == [6]
+    assert save_figure(fig, tmp_path / "one_bin.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_entropy_histogram_returns_a_figure_and_saves_png(tmp_path):
@@ -65,8 +75,17 @@ def test_entropy_histogram_returns_a_figure_and_saves_png(tmp_path):
 
 
 def test_entropy_histogram_of_all_zero_entropies(tmp_path):
-    fig = entropy_histogram({"one-hot": torch.zeros(4)})
-    save_figure(fig, tmp_path / "zeros.png")
+    # All mass sits in the first of the bins over the fallback range [0, 1]; the others are
+    # empty, so the step outline is at zero there.
+    fig = entropy_histogram({"one-hot": torch.zeros(4)}, num_bins=4)
+    (ax,) = fig.axes
+    assert ax.get_xlim() == (0.0, 1.02)
+    (outline,) = ax.patches
+    heights = outline.get_xy()[:, 1]
+    assert heights.max() == pytest.approx(4.0)  # unit area in a bin of width 1/4
+    xy = outline.get_xy()
+    assert (xy[xy[:, 0] > 0.25 + 1e-9][:, 1] == 0).all()
+    assert save_figure(fig, tmp_path / "zeros.png").read_bytes().startswith(PNG_MAGIC)
 
 
 @pytest.mark.parametrize(

@@ -410,7 +410,9 @@ def test_non_finite_input_gives_the_torch_answer(monkeypatch, dtype):
     got, got_grads = _run(
         inputs, grads, RunningUpdate(module.running_mean, module.running_var, 0.1)
     )
-    assert not torch.isfinite(got[0][:, 0]).all() or torch.isfinite(got[0][:, 0]).all()
+    # Channels 1 (an infinite mean) and 2 (a NaN variance) reach every row through their
+    # batch statistics, so no row of them stays finite; the check is not vacuous.
+    assert not torch.isfinite(got[0][:, 1:]).any(0).any()
     _use_torch(monkeypatch)
     reference = BatchNorm1d(3).to(dtype)
     update = RunningUpdate(reference.running_mean, reference.running_var, 0.1)
