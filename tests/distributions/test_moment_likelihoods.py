@@ -49,7 +49,8 @@ HAND_VAR = (0.3, 1.2, 0.1)
 
 
 def _hand_bound(y: int) -> float:
-    normaliser = math.log(sum(math.exp(m + v / 2) for m, v in zip(HAND_MEAN, HAND_VAR, strict=True)))
+    terms = (math.exp(m + v / 2) for m, v in zip(HAND_MEAN, HAND_VAR, strict=True))
+    normaliser = math.log(sum(terms))
     return HAND_MEAN[y] - normaliser
 
 
