@@ -10,6 +10,8 @@ from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 
+from pyro_bqn.distributions.wrappers import is_moment_likelihood
+
 __all__ = ["CheckedConditionMessenger"]
 
 
@@ -65,7 +67,7 @@ class CheckedConditionMessenger(ConditionMessenger):
                     f"site '{name}' expects a value of shape {tuple(expected)}, the network "
                     f"gives shape {tuple(value.shape)}"
                 )
-        elif not (msg["is_observed"] or site_is_subsample(msg) or hasattr(fn, "expected_log_prob")):
+        elif not (msg["is_observed"] or site_is_subsample(msg) or is_moment_likelihood(fn)):
             raise ValueError(
                 f"model sample site '{name}' has no value in the network and would be drawn "
                 "from its prior"

@@ -31,16 +31,10 @@ import torch
 from pyro import poutine
 from pyro.optim import PyroOptim
 
-from pyro_bqn._state import (
-    buffers_of,
-    check_fixed_levels,
-    check_matching,
-    copy_into,
-    live_params,
-    preserved,
-)
 from pyro_bqn.atomic_files import PathLike
+from pyro_bqn.live_tensors import buffers_of, copy_into, live_params, preserved
 from pyro_bqn.payload_files import check_storable, load_payload, save_payload
+from pyro_bqn.state_checks import check_fixed_levels, check_matching
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 

@@ -56,20 +56,14 @@ from pyro import poutine
 from pyro.distributions import TorchDistribution
 from pyro.nn import PyroModule
 
-from pyro_bqn._state import (
-    buffers_of,
-    check_fixed_levels,
-    check_matching,
-    copy_into,
-    live_params,
-    preserved,
-    training_mode,
-)
 from pyro_bqn.atomic_files import PathLike
-from pyro_bqn.infer.checked_condition import CheckedConditionMessenger
+from pyro_bqn.checked_condition import CheckedConditionMessenger
 from pyro_bqn.levels import check_levels
+from pyro_bqn.live_tensors import buffers_of, copy_into, live_params, preserved
 from pyro_bqn.nn.recalibrate import reestimate_batch_norm
+from pyro_bqn.nn.training_mode import training_mode
 from pyro_bqn.payload_files import load_payload, save_payload
+from pyro_bqn.state_checks import check_fixed_levels, check_matching
 
 __all__ = [
     "PackedSite",

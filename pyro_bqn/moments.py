@@ -102,6 +102,15 @@ class Moments:
         second = self._second_moment
         return second if second is not None and second.dim() == 0 else None
 
+    def expand(self, shape: torch.Size | tuple[int, ...]) -> Moments:
+        """Broadcast mean, variance and (when given) second moment to ``shape``, as views."""
+        if self.mean.shape == shape:
+            return self
+        second = self._second_moment
+        if second is not None and second.dim():
+            second = second.expand(shape)
+        return Moments(self.mean.expand(shape), self.var.expand(shape), second)
+
     def reshape(self, *shape: int) -> Moments:
         """Reshape mean and variance alike (a reshape moves entries, it mixes none)."""
         return Moments(

@@ -34,12 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, TypeAlias
 
-import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import TorchDistributionMixin
 
 from pyro_bqn.distributions.multiple_spike_and_slab import MultipleSpikeAndSlab
 from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical
+from pyro_bqn.distributions.wrappers import base_distribution
 from pyro_bqn.levels import LevelSet
 
 __all__ = [
@@ -55,15 +55,6 @@ __all__ = [
 #: A weight prior as a function of the layer's level set: returns a distribution over
 #: ``levels`` whose batch shape broadcasts to the weight's shape (usually ``()``).
 PriorFactory: TypeAlias = Callable[[LevelSet], TorchDistributionMixin]
-
-
-def base_distribution(fn: TorchDistributionMixin) -> TorchDistributionMixin:
-    """``fn`` without the ``Independent``, ``ExpandedDistribution`` and
-    ``MaskedDistribution`` wrappers that ``.to_event``, ``.expand``, plates and ``.mask``
-    put around it."""
-    while isinstance(fn, dist.Independent | dist.ExpandedDistribution | dist.MaskedDistribution):
-        fn = fn.base_dist
-    return fn
 
 
 def _probability(name: str, value: float, upper_open: bool = True) -> float:

@@ -20,7 +20,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from pyro_bqn.infer.auto_quantized_guide import AutoQuantizedGuide
-from pyro_bqn.infer.predict import eval_mode
+from pyro_bqn.nn.training_mode import training_mode
 
 if TYPE_CHECKING:
     import arviz as az
@@ -309,7 +309,12 @@ def to_inference_data(
         seed = int(torch.randint(0, 2**62, ()).item())
 
     num_draws = num_chains * num_samples
-    with torch.no_grad(), eval_mode(model), torch.random.fork_rng(devices=[]), poutine.block():
+    with (
+        torch.no_grad(),
+        training_mode(model, False),
+        torch.random.fork_rng(devices=[]),
+        poutine.block(),
+    ):
         if guide.prototype_trace is None:
             guide.median(x, y)  # builds the guide's prototype (its sites and parameters)
         prototype = {n: s["value"] for n, s in guide.prototype_trace.iter_stochastic_nodes()}

@@ -14,6 +14,7 @@ from pyro_bqn.distributions.relaxed_quantized_categorical import (
     RelaxedQuantizedCategoricalStraightThrough,
 )
 from pyro_bqn.distributions.relaxed_value import RelaxedLevelValue
+from pyro_bqn.distributions.wrappers import base_distribution, is_moment_likelihood
 
 __all__ = [
     "InertPriorWarning",
@@ -26,4 +27,6 @@ __all__ = [
     "RelaxedLevelValue",
     "RelaxedQuantizedCategorical",
     "RelaxedQuantizedCategoricalStraightThrough",
+    "base_distribution",
+    "is_moment_likelihood",
 ]

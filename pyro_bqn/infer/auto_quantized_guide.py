@@ -20,6 +20,7 @@ from pyro_bqn.distributions import relaxed_quantized_categorical as relaxed
 from pyro_bqn.distributions.multiple_spike_and_slab import MultipleSpikeAndSlab
 from pyro_bqn.distributions.partition import partition_log_probs
 from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical
+from pyro_bqn.distributions.wrappers import is_moment_likelihood
 from pyro_bqn.levels import LearnableThresholds, LevelSet
 from pyro_bqn.priors import base_distribution
 
@@ -32,7 +33,7 @@ POSTERIORS = ("categorical", "partition", "spike-and-slab")
 def _hide_from_prototype(msg) -> bool:
     """Pyro's rule, plus: an unobserved moment-aware likelihood (a model run for prediction,
     ``y=None``) is the model's output, not a latent the guide should cover."""
-    return prototype_hide_fn(msg) or hasattr(msg.get("fn"), "expected_log_prob")
+    return prototype_hide_fn(msg) or is_moment_likelihood(msg.get("fn"))
 
 
 class AutoQuantizedGuide(AutoGuide):

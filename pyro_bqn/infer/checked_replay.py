@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.runtime import Message
+from pyro.poutine.util import site_is_subsample
+
+from pyro_bqn.distributions.wrappers import is_moment_likelihood
 
 __all__ = ["CheckedReplayMessenger"]
 
@@ -25,9 +28,9 @@ class CheckedReplayMessenger(ReplayMessenger):
 
     def _pyro_sample(self, msg: Message) -> None:
         name = msg["name"]
-        if not msg["is_observed"] and type(msg["fn"]).__name__ != "_Subsample":
+        if not msg["is_observed"] and not site_is_subsample(msg):
             if name not in self.trace:
-                if self.allow_unobserved_likelihoods and hasattr(msg["fn"], "expected_log_prob"):
+                if self.allow_unobserved_likelihoods and is_moment_likelihood(msg["fn"]):
                     return
                 raise ValueError(f"model sample site '{name}' has no matching site in the guide")
             model_fn, guide_fn = msg["fn"], self.trace.nodes[name]["fn"]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pyro.distributions import Independent
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 
+from pyro_bqn.distributions.wrappers import base_distribution
 from pyro_bqn.moments import SiteMoments
 
 __all__ = ["MomentMessenger"]
@@ -33,9 +33,10 @@ class MomentMessenger(Messenger):
         if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
             return
         fn = msg["fn"]
-        base = fn.base_dist if isinstance(fn, Independent) else fn
+        base = base_distribution(fn)
         if hasattr(base, "moments"):
-            moments = base.moments()
+            # The wrappers keep each entry's distribution; .expand may add batch dimensions.
+            moments = base.moments().expand(fn.batch_shape + fn.event_shape)
             msg["value"] = SiteMoments(moments.mean, moments.var, moments.second_moment)
             msg["infer"] = {**msg["infer"], "moments": True}
             return

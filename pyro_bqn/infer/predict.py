@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution
 
-from pyro_bqn._state import training_mode
+from pyro_bqn.distributions.wrappers import is_moment_likelihood
 from pyro_bqn.infer.checked_replay import CheckedReplayMessenger
 from pyro_bqn.infer.moment_messenger import MomentMessenger
 from pyro_bqn.moments import Moments
+from pyro_bqn.nn.training_mode import training_mode
 
 __all__ = ["predict", "predict_by_sampling", "predictive_distribution", "eval_mode"]
 
 
 def eval_mode(model) -> AbstractContextManager[None]:
-    """Evaluation mode (batch norm on running statistics) for the duration; afterwards every
-    submodule gets its own training flag back."""
+    """Deprecated second name of ``pyro_bqn.nn.training_mode(model, False)``: evaluation mode
+    (batch norm on running statistics) for the duration. It warns and will be removed."""
+    warnings.warn(
+        "pyro_bqn.infer.eval_mode is deprecated; use pyro_bqn.nn.training_mode(model, False)",
+        FutureWarning,
+        stacklevel=2,
+    )
     return training_mode(model, False)
 
 
@@ -26,7 +33,7 @@ def _observed_site_name(trace: poutine.Trace, site: str | None) -> str:
     candidates = [
         name
         for name, node in trace.nodes.items()
-        if node["type"] == "sample" and hasattr(node["fn"], "expected_log_prob")
+        if node["type"] == "sample" and is_moment_likelihood(node["fn"])
     ]
     if site is not None:
         if site not in trace.nodes:
@@ -51,7 +58,7 @@ def predictive_distribution(
         likelihood (:class:`~pyro_bqn.distributions.MomentCategorical`, ...).
     """
     # A relaxed (non-straight-through) posterior has no analytic moments: use the exact one.
-    with eval_mode(model), poutine.block(), _exact_guide(guide):
+    with training_mode(model, False), poutine.block(), _exact_guide(guide):
         guide_trace = poutine.trace(MomentMessenger()(guide)).get_trace(*args, **kwargs)
         model_trace = poutine.trace(
             CheckedReplayMessenger(guide_trace, allow_unobserved_likelihoods=True)(model)
@@ -103,7 +110,7 @@ def predict_by_sampling(
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     total = None
-    with eval_mode(model), poutine.block(), _exact_guide(guide):
+    with training_mode(model, False), poutine.block(), _exact_guide(guide):
         for _ in range(num_samples):
             weights = guide(*args, **kwargs)
             trace = poutine.trace(poutine.condition(model, data=weights)).get_trace(*args, **kwargs)

@@ -10,6 +10,7 @@ from pyro_bqn.nn.quantized_linear import QuantizedLinear
 from pyro_bqn.nn.recalibrate import reestimate_batch_norm
 from pyro_bqn.nn.relu import ReLU
 from pyro_bqn.nn.temperature import Temperature
+from pyro_bqn.nn.training_mode import training_mode
 
 __all__ = [
     "AvgPool2d",
@@ -26,4 +27,5 @@ __all__ = [
     "Sign",
     "Temperature",
     "reestimate_batch_norm",
+    "training_mode",
 ]

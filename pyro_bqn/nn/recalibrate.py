@@ -9,8 +9,9 @@ import torch
 from pyro import poutine
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from pyro_bqn._state import buffers_of, copy_into, training_mode
-from pyro_bqn.infer.checked_condition import CheckedConditionMessenger
+from pyro_bqn.checked_condition import CheckedConditionMessenger
+from pyro_bqn.live_tensors import buffers_of, copy_into
+from pyro_bqn.nn.training_mode import training_mode
 
 __all__ = ["reestimate_batch_norm"]
 
