@@ -269,6 +269,23 @@ def to_inference_data(
     ``az.loo`` and ``az.compare`` need a ``posterior`` group: when no site is stored, call
     ``az.loo(idata, reff=1.0)`` (exact: the draws are independent).
 
+    Example::
+
+        >>> import torch
+        >>> from pyro_bqn import AutoQuantizedGuide, QuantizedMLP, to_inference_data
+        >>> x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        >>> model = QuantizedMLP((4, 8, 3)); guide = AutoQuantizedGuide(model)
+        >>> idata = to_inference_data(model, guide, x, y, num_samples=10, seed=0, progress=False)
+        >>> idata.log_likelihood["obs"].shape
+        (1, 10, 6)
+
+    **References**
+
+    [1] *ArviZ a unified library for exploratory analysis of Bayesian models in Python*,
+        R. Kumar, C. Carroll, A. Hartikainen, O. Martin (JOSS 2019)
+    [2] *Practical Bayesian model evaluation using leave-one-out cross-validation and WAIC*,
+        A. Vehtari, A. Gelman, J. Gabry (Statistics and Computing 2017)
+
     :param model: the Pyro model, called as ``model(x, y)``.
     :param guide: its trained :class:`~pyro_bqn.infer.AutoQuantizedGuide`.
     :param x: inputs, e.g. shape ``(N, D)``.

@@ -106,6 +106,15 @@ class AutoQuantizedGuide(AutoGuide):
         >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), DeterministicELBO())
         >>> loss = svi.step(torch.randn(8, 4), torch.randint(0, 3, (8,)))
 
+    **References**
+
+    [1] *Sampling-free learning of Bayesian quantized neural networks*, J. Su, M. Cvitkovic,
+        F. Huang (ICLR 2020)
+    [2] *Bayesian asymmetric quantized neural networks*, J.-T. Chien, S.-T. Chang (Pattern
+        Recognition 139, 2023): the partition and spike-and-slab posteriors
+    [3] *Categorical reparameterization with Gumbel-softmax*, E. Jang, S. Gu, B. Poole
+        (ICLR 2017): the relaxed guide of the sampling baseline
+
     :param model: a Pyro model (typically a :class:`~pyro.nn.PyroModule`).
     :param posterior: one of :data:`POSTERIORS`, for every quantized site.
     :param init_scale: width of the initial posterior around ``w_0``, in level units.

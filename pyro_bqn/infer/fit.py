@@ -123,6 +123,11 @@ def fit(
         >>> [record["epoch"] for record in history]
         [1, 2]
 
+    **References**
+
+    [1] *Sampling-free learning of Bayesian quantized neural networks*, J. Su, M. Cvitkovic,
+        F. Huang (ICLR 2020)
+
     :param x: inputs, ``(N, ...)``, of the model's floating-point dtype.
     :param y: labels, ``(N,)``.
     :param elbo: the objective; default ``DeterministicELBO(kl_weight)`` (sampling-free).

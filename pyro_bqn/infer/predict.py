@@ -69,6 +69,25 @@ def predictive_distribution(
 def predict(model, guide, *args, site: str | None = None, **kwargs) -> torch.Tensor | Moments:
     """Sampling-free predictive of ``model`` under ``guide`` for the inputs ``*args``.
 
+    The guide's moments are propagated through the model (no network is drawn) and the
+    likelihood site's predictive is returned, e.g. for a
+    :class:`~pyro_bqn.distributions.MomentCategorical` with logit moments ``(mu, s^2)`` the
+    probit-style approximation of ``E[softmax(f)]``.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_bqn import AutoQuantizedGuide, QuantizedMLP, predict
+        >>> model = QuantizedMLP((4, 8, 3)); guide = AutoQuantizedGuide(model)
+        >>> probs = predict(model, guide, torch.randn(5, 4))
+        >>> probs.shape, bool(torch.allclose(probs.sum(-1), torch.ones(5)))
+        (torch.Size([5, 3]), True)
+
+    **References**
+
+    [1] *Sampling-free learning of Bayesian quantized neural networks*, J. Su, M. Cvitkovic,
+        F. Huang (ICLR 2020)
+
     :return: class probabilities ``(N, C)`` for a
         :class:`~pyro_bqn.distributions.MomentCategorical` site, ``P(y = 1)`` ``(N,)`` for a
         :class:`~pyro_bqn.distributions.MomentBernoulli` site, and the predictive

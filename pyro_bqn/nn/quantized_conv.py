@@ -29,6 +29,21 @@ class QuantizedConv2d(QuantizedLayer):
     ``(out_channels, in_channels // groups, kH, kW)``, output ``(N, out_channels, H', W')``.
     Arguments as :class:`torch.nn.Conv2d` (zero padding only) plus those of
     :class:`~pyro_bqn.nn.quantized_layer.QuantizedLayer`.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_bqn import QuantizedConv2d, levels
+        >>> conv = QuantizedConv2d(1, 4, kernel_size=3, padding=1, levels=levels.binary())
+        >>> conv(torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 4, 8, 8])
+
+    **References**
+
+    [1] *Sampling-free learning of Bayesian quantized neural networks*, J. Su, M. Cvitkovic,
+        F. Huang (ICLR 2020)
+    [2] *Discrete-valued neural networks using variational inference*, W. Roth, F. Pernkopf
+        (2018): the probabilistic forward pass this propagation follows
     """
 
     def __init__(

@@ -31,6 +31,23 @@ class QuantizedLinear(QuantizedLayer):
     Other arguments as :class:`~pyro_bqn.nn.quantized_layer.QuantizedLayer`.
     Shapes: input ``(*, in_features)``, weight ``(out_features, in_features)``,
     output ``(*, out_features)``.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_bqn import QuantizedLinear, levels
+        >>> layer = QuantizedLinear(4, 3, levels=levels.ternary())
+        >>> layer(torch.randn(2, 4)).shape  # outside inference: a network drawn from the prior
+        torch.Size([2, 3])
+        >>> sorted(set(layer.weight.unique().tolist()) - {-1.0, 0.0, 1.0})
+        []
+
+    **References**
+
+    [1] *Sampling-free learning of Bayesian quantized neural networks*, J. Su, M. Cvitkovic,
+        F. Huang (ICLR 2020)
+    [2] *Discrete-valued neural networks using variational inference*, W. Roth, F. Pernkopf
+        (2018): the probabilistic forward pass this propagation follows
     """
 
     def __init__(
