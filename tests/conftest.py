@@ -1,8 +1,25 @@
 """Suite-wide test settings."""
 
+import os
+
 import pyro
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Hypothesis derandomized everywhere, with the settings of its own "ci" profile (which it
+# loads on CI): a local run draws the same examples as CI, so a failure reproduces.
+# HYPOTHESIS_PROFILE=explore draws new examples on every run, to search for rare failures.
+settings.register_profile(
+    "repository",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("explore", settings.get_profile("repository"), derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repository"))
 
 
 @pytest.fixture(autouse=True, scope="session")
