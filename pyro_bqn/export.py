@@ -47,7 +47,8 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -362,6 +363,27 @@ class QuantizedNetwork:
         site: str,
     ) -> _T:
         """Run the model on this network and return ``read(distribution of site)``."""
+        with self.loaded_into(model, *args, **kwargs) as conditioned:
+            trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
+            if site not in trace.nodes or trace.nodes[site]["type"] != "sample":
+                sites = [name for name, node in trace.nodes.items() if node["type"] == "sample"]
+                raise ValueError(
+                    f"the model has no sample site '{site}'; its sample sites: {sites}"
+                )
+            return read(trace.nodes[site]["fn"])
+
+    @contextmanager
+    def loaded_into(
+        self, model: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Iterator[Callable[..., Any]]:
+        """Within the block, ``model`` holds this network's params and buffers and runs in
+        evaluation mode without gradients; the block receives the model conditioned on the
+        network's weights. ``model(*args, **kwargs)`` is run once first (example inputs) to
+        find the Pyro params it reads. Afterwards the model's own values and training flags
+        are restored.
+
+        :raises ValueError: as :meth:`distribution`, where network and model differ.
+        """
         conditioned = CheckedConditionMessenger(self.weights())(model)
         with torch.no_grad(), training_mode(model, False):
             params = live_params(conditioned, *args, **kwargs)
@@ -374,13 +396,7 @@ class QuantizedNetwork:
                 copy_into(params, self.params)
                 copy_into(own, self.params)
                 copy_into(buffers, self.buffers)
-                trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
-                if site not in trace.nodes or trace.nodes[site]["type"] != "sample":
-                    sites = [name for name, node in trace.nodes.items() if node["type"] == "sample"]
-                    raise ValueError(
-                        f"the model has no sample site '{site}'; its sample sites: {sites}"
-                    )
-                return read(trace.nodes[site]["fn"])
+                yield conditioned
 
     def save(self, path: PathLike) -> None:
         """Write the network to ``path`` (format in the module docstring), atomically: an
