@@ -15,7 +15,6 @@ import ctypes
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from pyro_bqn import native
 
@@ -41,12 +40,10 @@ _KERNEL_NAMES = native.kernel_names("level_statistics")
 _MAX_NATIVE_LEVELS = 16
 
 
-def _native_library(theta: torch.Tensor) -> ctypes.CDLL | None:
-    if theta.device.type != "cpu" or theta.dtype not in native.SUFFIXES:
-        return None
+def _native_library(theta: torch.Tensor, levels: torch.Tensor) -> ctypes.CDLL | None:
     if theta.shape[0] > _MAX_NATIVE_LEVELS:
         return None
-    return native.load("level_statistics", _KERNEL_NAMES)
+    return native.library_for("level_statistics", (theta, levels), _KERNEL_NAMES)
 
 
 def _is_broadcast(tensor: torch.Tensor) -> bool:
@@ -78,8 +75,8 @@ def _run_kernel(library, direction, theta, levels, arrays, *scalars: int) -> boo
     """Run ``level_statistics_<direction>`` over ranges of weights, in parallel threads for
     large tensors (ctypes releases the GIL). ``arrays`` are per-weight tensors (shape
     ``(n,)`` or levels-first ``(K, n)``), passed offset to each range, then ``scalars``.
-    Returns whether the result is unusable (a non-finite logit, a weight's logits more than
-    half the float range apart, or a number of levels the kernel lacks)."""
+    Returns whether the result is unusable (a non-finite logit, or a weight's logits more
+    than half the float range apart)."""
     num_levels, n = theta.shape
     function = native.kernel(
         library, "level_statistics", direction, theta.dtype, _ARGTYPES[direction]
@@ -91,31 +88,6 @@ def _run_kernel(library, direction, theta, levels, arrays, *scalars: int) -> boo
         return function(_offset(theta, begin), *sizes, levels.data_ptr(), *offsets, *scalars)
 
     return native.run_in_ranges(call, n)
-
-
-def _native_forward(library, theta: torch.Tensor, levels: torch.Tensor):
-    """``(mean, var, second, neg_entropy, log_normaliser)`` from the C kernel, or ``None``
-    when ``theta`` holds a non-finite logit (the kernel assumes finite values) or logits more
-    than half the float range apart (their difference could overflow)."""
-    outputs = [theta.new_empty(theta.shape[1]) for _ in range(5)]
-    return None if _run_kernel(library, "forward", theta, levels, outputs) else outputs
-
-
-def _native_backward(library, theta, levels, mean, log_normaliser, grads, need_levels: bool):
-    """``(dL/dtheta, dL/dlevels or None)``: the first from the C kernel; the second, needed
-    only for learnable levels, by torch (it sums over every weight, which the kernel's
-    weight-parallel loop does not)."""
-    g_theta = torch.empty_like(theta)
-    # A sum's gradient is one value for every weight; the kernel reads it as such rather
-    # than from a materialised copy.
-    broadcast = sum(1 << j for j, g in enumerate(grads) if g is not None and _is_broadcast(g))
-    grads = [g if g is None or _is_broadcast(g) else g.contiguous() for g in grads]
-    arrays = [mean, log_normaliser, *grads, g_theta]
-    _run_kernel(library, "backward", theta, levels, arrays, broadcast)
-    if not need_levels:
-        return g_theta, None
-    q = torch.exp(theta - log_normaliser)
-    return g_theta, _level_gradient(q, levels, *_centred_weights(mean, grads))
 
 
 def statistics_from_probs(probs: torch.Tensor, levels: torch.Tensor) -> LevelStatistics:
@@ -130,15 +102,56 @@ def statistics_from_probs(probs: torch.Tensor, levels: torch.Tensor) -> LevelSta
     )
 
 
-def _torch_forward(theta: torch.Tensor, levels: torch.Tensor):
-    log_q = torch.log_softmax(theta, dim=0)
-    q = log_q.exp()
-    return list(statistics_from_probs(q, levels)), log_q, q
+def _check_forward(theta: torch.Tensor, levels: torch.Tensor) -> None:
+    if theta.dim() != 2 or levels.shape != theta.shape[:1]:
+        raise ValueError(
+            "level_statistics needs logits of shape (K, N) and levels of shape (K,), got "
+            f"{tuple(theta.shape)} and {tuple(levels.shape)}"
+        )
+    if not theta.is_floating_point() or levels.dtype != theta.dtype:
+        raise ValueError(
+            "level_statistics needs floating-point logits and levels of their dtype, got "
+            f"{theta.dtype} and {levels.dtype}"
+        )
+    if levels.device != theta.device:
+        raise ValueError(
+            f"levels must be on the logits' device {theta.device}, got {levels.device}"
+        )
+
+
+def _formulas_forward(
+    theta: torch.Tensor, levels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean, var, E[w^2], sum q log q, log-normaliser, False)`` by torch: each ``(N,)``
+    but the last, a 0-dim flag that the C kernel did not compute them."""
+    q = torch.softmax(theta, dim=0)
+    # As statistics_from_probs, but with separate products: an operator's outputs may not
+    # be views of one tensor.
+    mean, second = levels @ q, levels.square() @ q
+    var = torch.addcmul(second, mean, mean, value=-1.0).clamp_min(0.0)
+    neg_entropy = torch.special.xlogy(q, q).sum(0)
+    lse = torch.logsumexp(theta, dim=0)
+    return mean, var, second, neg_entropy, lse, theta.new_zeros((), dtype=torch.bool)
+
+
+def _kernel_forward(library, theta: torch.Tensor, levels: torch.Tensor):
+    """As :func:`_formulas_forward` (flag ``True``) by the C kernel, or ``None`` when it
+    refuses ``theta``: a non-finite logit (the kernel assumes finite values) or logits more
+    than half the float range apart (their difference could overflow)."""
+    outputs = [theta.new_empty(theta.shape[1]) for _ in range(5)]
+    if _run_kernel(library, "forward", theta, levels, outputs):
+        return None
+    return (*outputs, theta.new_ones((), dtype=torch.bool))
+
+
+_forward = native.operator(
+    "level_statistics", _formulas_forward, _kernel_forward, _native_library, _check_forward
+)
 
 
 def _centred_weights(mean: torch.Tensor, grads) -> tuple[torch.Tensor, torch.Tensor]:
     """``a = dL/dmean - 2 mean dL/dvar`` and ``b = dL/dE[w^2] + dL/dvar`` (see
-    :class:`_LevelStatisticsFunction`), each ``(N,)``; a missing gradient counts as 0."""
+    :func:`level_statistics`), each ``(N,)``; a missing gradient counts as 0."""
     g_mean, g_var, g_second, _ = (torch.zeros_like(mean) if g is None else g for g in grads)
     return torch.addcmul(g_mean, mean, g_var, value=-2.0), g_second + g_var
 
@@ -148,60 +161,86 @@ def _level_gradient(q: torch.Tensor, levels: torch.Tensor, a: torch.Tensor, b: t
     return q @ a + 2 * levels * (q @ b)
 
 
-def _torch_backward(log_q, q, levels, mean, grads, need_levels: bool):
-    a, b = _centred_weights(mean, grads)
+def _check_backward(theta, levels, mean, lse, by_kernel, *grads) -> None:
+    _check_forward(theta, levels)
+    expected = theta.shape[1:]
+    for name, tensor in zip(
+        ("mean", "lse", "g_mean", "g_var", "g_second", "g_negent"), (mean, lse, *grads), strict=True
+    ):
+        if tensor is not None and (tensor.shape != expected or tensor.dtype != theta.dtype):
+            raise ValueError(
+                f"level_statistics_backward: {name} must have shape {tuple(expected)} and "
+                f"dtype {theta.dtype}, got {tuple(tensor.shape)} and {tensor.dtype}"
+            )
+
+
+def _formulas_backward(
+    theta: torch.Tensor,
+    levels: torch.Tensor,
+    mean: torch.Tensor,
+    lse: torch.Tensor,
+    by_kernel: torch.Tensor,
+    g_mean: torch.Tensor | None,
+    g_var: torch.Tensor | None,
+    g_second: torch.Tensor | None,
+    g_negent: torch.Tensor | None,
+) -> torch.Tensor:
+    """``dL/dtheta``, shape ``(K, N)``, by torch (see :func:`level_statistics`)."""
+    log_q = theta - lse
+    q = log_q.exp()
+    a, b = _centred_weights(mean, (g_mean, g_var, g_second, g_negent))
     g = levels.unsqueeze(-1) * a + levels.square().unsqueeze(-1) * b
-    if grads[3] is not None:
+    if g_negent is not None:
         # q log q has derivative log q + 1; the constant cancels below, and 0 log 0 counts 0.
-        g = g + torch.where(q > 0, log_q, 0.0) * grads[3]
-    g_theta = q * (g - (q * g).sum(0))
-    return g_theta, (_level_gradient(q, levels, a, b) if need_levels else None)
+        g = g + torch.where(q > 0, log_q, 0.0) * g_negent
+    return q * (g - (q * g).sum(0))
 
 
-class _LevelStatisticsFunction(torch.autograd.Function):
-    """``theta (K, N), levels (K,)`` to ``(mean, var, E[w^2], sum q log q)``, each ``(N,)``.
+def _kernel_backward(library, theta, levels, mean, lse, by_kernel, *grads):
+    """``dL/dtheta`` by the C kernel, after a forward pass by the kernel (else ``None``)."""
+    if not by_kernel.item():  # a CPU tensor here: no device synchronisation
+        return None
+    g_theta = torch.empty_like(theta)
+    # A sum's gradient is one value for every weight; the kernel reads it as such rather
+    # than from a materialised copy.
+    broadcast = sum(1 << j for j, g in enumerate(grads) if g is not None and _is_broadcast(g))
+    grads = [g if g is None or _is_broadcast(g) else g.contiguous() for g in grads]
+    _run_kernel(library, "backward", theta, levels, [mean, lse, *grads, g_theta], broadcast)
+    return g_theta
 
-    Backward: with ``g_k`` the derivative of the loss with respect to ``q_k`` through every
-    output,
 
-    .. math::
-        g_k = a v_k + b v_k^2 + \\bar h \\log q_k, \\qquad
-        \\partial L / \\partial \\theta_k = q_k \\big(g_k - \\textstyle\\sum_j q_j g_j\\big)
+_backward = native.operator(
+    "level_statistics_backward",
+    _formulas_backward,
+    _kernel_backward,
+    lambda theta, levels, *rest: _native_library(theta, levels),
+    _check_backward,
+)
 
-    where ``a = dL/dmean - 2 mean dL/dvar`` and ``b = dL/dE[w^2] + dL/dvar`` (the ``+1``
-    of ``d(q log q)/dq`` cancels in the centred form). The variance's clamp only absorbs
-    rounding, so its gradient is taken as that of ``E[w^2] - E[w]^2``. The backward pass is
-    not itself differentiable (second derivatives raise an error).
 
-    The C kernel (:mod:`pyro_bqn.native`) does each direction in one pass over the logits;
-    the torch code computes the same values where the kernel is unavailable or refuses the
-    logits (one not finite, or two more than half the float range apart).
-    """
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.set_materialize_grads(False)
+    theta, levels = inputs
+    mean, lse, by_kernel = output[0], output[4], output[5]
+    ctx.save_for_backward(theta, levels, mean, lse, by_kernel)
 
-    @staticmethod
-    def forward(ctx, theta: torch.Tensor, levels: torch.Tensor):
-        ctx.set_materialize_grads(False)
-        library = _native_library(theta)
-        outputs = None if library is None else _native_forward(library, theta, levels)
-        if outputs is not None:
-            ctx.native = library
-            ctx.save_for_backward(theta, levels, outputs[0], outputs[4])
-            return tuple(outputs[:4])
-        outputs, log_q, q = _torch_forward(theta, levels)
-        ctx.native = None
-        ctx.save_for_backward(log_q, q, levels, outputs[0])
-        return tuple(outputs)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        if all(g is None for g in grads):
-            return None, None
-        need_levels = ctx.needs_input_grad[1]
-        if ctx.native is not None:
-            return _native_backward(ctx.native, *ctx.saved_tensors, grads, need_levels)
-        log_q, q, levels, mean = ctx.saved_tensors
-        return _torch_backward(log_q, q, levels, mean, grads, need_levels)
+def _gradient(ctx, *output_grads):
+    """``(dL/dtheta, dL/dlevels)`` (see :func:`level_statistics`); the second, for
+    learnable levels only, by torch: it sums over every weight."""
+    grads = output_grads[:4]
+    if all(g is None for g in grads):
+        return None, None
+    theta, levels, mean, lse, by_kernel = ctx.saved_tensors
+    g_theta = _backward(theta, levels, mean, lse, by_kernel, *grads)
+    g_levels = None
+    if ctx.needs_input_grad[1]:
+        q = torch.exp(theta - lse)
+        g_levels = _level_gradient(q, levels, *_centred_weights(mean, grads))
+    return g_theta, g_levels
+
+
+_forward.register_autograd(_gradient, setup_context=_setup_context)
 
 
 def level_statistics(logits: torch.Tensor, levels: torch.Tensor) -> LevelStatistics:
@@ -211,6 +250,22 @@ def level_statistics(logits: torch.Tensor, levels: torch.Tensor) -> LevelStatist
         contiguous tensor avoids a copy.
     :param levels: the level values ``v``, shape ``(K,)`` (may require grad, e.g. learnable
         levels).
+
+    Computed by the operator ``torch.ops.pyro_bqn.level_statistics``: the C kernel
+    (:mod:`pyro_bqn.native`) does each direction in one pass over the logits for float32
+    and float64 CPU tensors with ``K <= 16``; torch computes the same values elsewhere and
+    where the kernel refuses the logits (one not finite, or two more than half the float
+    range apart). Backward: with ``g_k`` the derivative of the loss with respect to ``q_k``
+    through every output,
+
+    .. math::
+        g_k = a v_k + b v_k^2 + \\bar h \\log q_k, \\qquad
+        \\partial L / \\partial \\theta_k = q_k \\big(g_k - \\textstyle\\sum_j q_j g_j\\big)
+
+    where ``a = dL/dmean - 2 mean dL/dvar``, ``b = dL/dE[w^2] + dL/dvar`` and ``h = dL/d(sum
+    q log q)`` (the ``+1`` of ``d(q log q)/dq`` cancels in the centred form). The variance's
+    clamp only absorbs rounding, so its gradient is taken as that of ``E[w^2] - E[w]^2``.
+    The backward pass is not itself differentiable (second derivatives raise an error).
     """
     num_levels = levels.shape[0]
     if logits.dim() < 1 or logits.shape[0] != num_levels:
@@ -220,5 +275,5 @@ def level_statistics(logits: torch.Tensor, levels: torch.Tensor) -> LevelStatist
         )
     shape = logits.shape[1:]
     theta = logits.reshape(num_levels, -1).contiguous()
-    outputs = _LevelStatisticsFunction.apply(theta, levels.to(logits.dtype).contiguous())
-    return LevelStatistics(*(out.reshape(shape) for out in outputs))
+    outputs = _forward(theta, levels.to(logits.dtype).contiguous())
+    return LevelStatistics(*(out.reshape(shape) for out in outputs[:4]))

@@ -1,5 +1,11 @@
 """Small C kernels, compiled on first use with the system C compiler and loaded with
-:mod:`ctypes`.
+:mod:`ctypes`, and :func:`operator`, which exposes each as a torch operator.
+
+Each kernel is reached through a :func:`torch.library.custom_op` (``pyro_bqn::<name>``) whose
+implementation runs the kernel where it applies and the same formulas in torch elsewhere
+(other devices and dtypes, inputs the kernel refuses). :func:`torch.compile` then sees one
+operator, not a Python function it cannot trace, and ``torch.library.opcheck`` can test the
+registration.
 
 The kernels need no Python or torch headers, so a build takes a fraction of a second. The
 shared library is cached under ``$PYRO_BQN_CACHE`` (default ``$XDG_CACHE_HOME/pyro_bqn``,
@@ -36,6 +42,7 @@ import concurrent.futures
 import ctypes
 import functools
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -45,7 +52,7 @@ import stat
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -57,7 +64,17 @@ from pyro_bqn.atomic_files import write_bytes, write_text
 if os.name == "posix":  # elsewhere native kernels are off (see enabled)
     import fcntl
 
-__all__ = ["load", "enabled", "kernel", "kernel_names", "ranges", "run_in_ranges", "SUFFIXES"]
+__all__ = [
+    "SUFFIXES",
+    "enabled",
+    "kernel",
+    "kernel_names",
+    "library_for",
+    "load",
+    "operator",
+    "ranges",
+    "run_in_ranges",
+]
 
 _SOURCE_DIR = Path(__file__).parent
 # (compile flags, link flags), best first. -ffast-math lets gcc vectorise exp/log through
@@ -418,3 +435,63 @@ def kernel(
     function.argtypes = list(argtypes)
     function.restype = ctypes.c_int64
     return function
+
+
+def library_for(
+    name: str, tensors: Iterable[torch.Tensor | None], symbols: tuple[str, ...] = ()
+) -> ctypes.CDLL | None:
+    """The kernel library ``name`` (see :func:`load`) if it applies to ``tensors`` (``None``
+    entries are skipped): contiguous CPU tensors of one dtype in :data:`SUFFIXES`. Else, or
+    when the library cannot be built, ``None``: the caller computes with torch."""
+    dtype = None
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        dtype = tensor.dtype if dtype is None else dtype
+        if not (tensor.dtype == dtype and tensor.is_cpu and tensor.is_contiguous()):
+            return None
+    if dtype not in SUFFIXES:
+        return None
+    return load(name, symbols)
+
+
+def operator(
+    name: str,
+    formulas: Callable[..., object],
+    kernel_call: Callable[..., object | None],
+    library: Callable[..., ctypes.CDLL | None],
+    check: Callable[..., None],
+    mutates_args: tuple[str, ...] = (),
+) -> torch.library.CustomOpDef:
+    """Register ``pyro_bqn::<name>``, a :func:`torch.library.custom_op`, and return it.
+
+    Called, it runs ``check(*args)`` (which raises :class:`ValueError` for arguments the
+    operator cannot take, before a kernel could read past a buffer), then returns
+    ``kernel_call(lib, *args)`` where ``lib = library(*args)`` is not ``None`` and the
+    kernel accepts the input (returns anything but ``None``), else ``formulas(*args)``.
+
+    ``formulas`` is the device-generic torch implementation of the same values. Its
+    annotated signature is the operator's schema, and it is also the fake (meta)
+    implementation that :func:`torch.compile` traces, so it makes no data-dependent choice.
+    The caller attaches the gradient with ``register_autograd``, usually through a second
+    operator made here for the backward pass.
+    """
+
+    def implementation(*args):
+        check(*args)
+        lib = library(*args)
+        if lib is not None:
+            result = kernel_call(lib, *args)
+            if result is not None:
+                return result
+        return formulas(*args)
+
+    def fake(*args):
+        check(*args)
+        return formulas(*args)
+
+    signature = inspect.signature(formulas, eval_str=True)
+    implementation.__signature__ = fake.__signature__ = signature
+    op = torch.library.custom_op(f"pyro_bqn::{name}", implementation, mutates_args=mutates_args)
+    op.register_fake(fake)
+    return op

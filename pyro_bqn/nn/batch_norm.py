@@ -7,7 +7,6 @@ from typing import NamedTuple
 
 import torch
 from pyro.nn import PyroModule
-from torch.autograd.function import once_differentiable
 
 from pyro_bqn import native
 from pyro_bqn.moments import Moments, split_moments
@@ -95,47 +94,80 @@ def _scale_and_shift(centred, var, norm_var, weight, bias, eps: float):
     return out_mean, var * scale.square().view(channel_shape)
 
 
-def _torch_batch_norm_moments(mean, var, weight, bias, eps: float, running=None):
-    """:func:`batch_norm_moments` by differentiable torch operations: the reference, and
-    the fallback where the C kernel is unavailable or an input is not finite."""
+Tensor = torch.Tensor
+
+
+def _check_forward(mean, var, weight, bias, eps, track_running) -> None:
+    if mean.dim() < 2 or var.shape != mean.shape:
+        raise ValueError(
+            "batch_norm_moments needs mean and var of one shape (N, C, *spatial), got "
+            f"{tuple(mean.shape)} and {tuple(var.shape)}"
+        )
+    channels = mean.shape[1]
+    named = {"weight": weight, "bias": bias}
+    for name, tensor in named.items():
+        if tensor is not None and tensor.shape != (channels,):
+            raise ValueError(
+                f"{name} must have shape ({channels},), one value per channel, got "
+                f"{tuple(tensor.shape)}"
+            )
+    tensors = [var, *(t for t in named.values() if t is not None)]
+    if not mean.is_floating_point() or any(t.dtype != mean.dtype for t in tensors):
+        raise ValueError(f"batch_norm_moments needs floating-point tensors of {mean.dtype}")
+    if any(t.device != mean.device for t in tensors):
+        raise ValueError(f"batch_norm_moments needs every tensor on {mean.device}")
+    if track_running and mean.numel() <= channels:
+        raise ValueError(
+            "updating running statistics needs more than 1 value per channel, got input of "
+            f"shape {tuple(mean.shape)}"
+        )
+
+
+def _formulas_forward(
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    track_running: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(mu', s2', stats, batch)`` of :func:`batch_norm_moments` by torch, with ``stats``
+    the per-channel ``(m, scale, r)`` (shape ``(3, C)``, ``r = 1 / sqrt(v + eps)``) that the
+    backward pass reads and ``batch`` the per-channel ``(m, within + n / (n - 1) between)``
+    that update the running statistics (shape ``(2, C)``; zeros unless ``track_running``).
+    """
     dims = [0, *range(2, mean.dim())]
+    channel_shape = _channel_shape(mean.dim())
     batch_mean = mean.mean(dims)
-    centred = mean - batch_mean.view(_channel_shape(mean.dim()))
+    centred = mean - batch_mean.view(channel_shape)
     between = centred.square().mean(dims)
     within = var.mean(dims)
-    if running is not None:
+    batch = mean.new_zeros((2, mean.shape[1]))
+    if track_running:
         count = mean.numel() // mean.shape[1]
-        with torch.no_grad():
-            # Bessel's correction belongs to the spread of the means only: the within-unit
-            # variances are exact, not estimated from the batch.
-            unbiased = within + between * (count / (count - 1))
-            factor = running.factor
-            running.running_mean.mul_(1.0 - factor).add_(batch_mean, alpha=factor)
-            running.running_var.mul_(1.0 - factor).add_(unbiased, alpha=factor)
-    return _scale_and_shift(centred, var, between + within, weight, bias, eps)
+        # Bessel's correction belongs to the spread of the means only: the within-unit
+        # variances are exact, not estimated from the batch.
+        batch = torch.stack([batch_mean, within + between * (count / (count - 1))])
+    rstd = torch.rsqrt(between + within + eps)
+    scale = rstd if weight is None else rstd * weight
+    out_mean = centred * scale.view(channel_shape)
+    if bias is not None:
+        out_mean = out_mean + bias.view(channel_shape)
+    out_var = var * scale.square().view(channel_shape)
+    return out_mean, out_var, torch.stack([batch_mean, scale, rstd]), batch
 
 
 _KERNEL_NAMES = native.kernel_names("batch_norm_moments")
 
 
 def _native_library(mean, var, weight, bias, running) -> ctypes.CDLL | None:
-    """The C kernels if they apply to these arguments: CPU tensors of one supported dtype,
-    contiguous (a strided input is rare: torch handles it without a copy), a non-empty
-    batch, and at least two values per channel if the running statistics are updated."""
-    dtype = mean.dtype
-    if dtype not in native.SUFFIXES or mean.numel() == 0 or var.shape != mean.shape:
+    """The C kernels if they apply to these arguments (see
+    :func:`pyro_bqn.native.library_for`; a strided input is rare, and torch handles it
+    without a copy) and the batch is not empty."""
+    if mean.numel() == 0:
         return None
-    tensors = [mean, var, weight, bias]
-    if running is not None:
-        if mean.numel() <= mean.shape[1]:
-            return None
-        tensors += running[:2]
-    for tensor in tensors:
-        if tensor is not None and not (
-            tensor.is_cpu and tensor.dtype == dtype and tensor.is_contiguous()
-        ):
-            return None
-    return native.load("batch_norm_moments", _KERNEL_NAMES)
+    tensors = (mean, var, weight, bias, *(running or ()))
+    return native.library_for("batch_norm_moments", tensors, _KERNEL_NAMES)
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -161,121 +193,136 @@ def _kernel(library: ctypes.CDLL, direction: str, dtype: torch.dtype):
     return native.kernel(library, "batch_norm_moments", direction, dtype, _ARGTYPES[direction])
 
 
-class _BatchNormMomentsFunction(torch.autograd.Function):
-    """``(mu, s2, gamma, beta)`` to ``(mu', s2')`` by the C kernel, as
-    :func:`batch_norm_moments`.
+def _stat_rows(stats: torch.Tensor) -> tuple[int, int, int]:
+    """Addresses of the rows ``m``, ``scale`` and ``r`` of ``stats``."""
+    address, step = stats.data_ptr(), stats.stride(0) * stats.element_size()
+    return address, address + step, address + 2 * step
 
-    Backward, per channel, with ``g = dL/dmu'`` and ``h = dL/ds2'``, sums over the
-    channel's ``n`` values, ``d = mu - m``, ``r = 1 / sqrt(v + eps)`` and ``scale = gamma r``::
 
-        dL/dscale = sum(g d) + 2 scale sum(h s2),  dL/dv = -dL/dscale * scale * r^2 / 2
-        dL/dmu = scale (g - sum(g) / n) + 2 dL/dv d / n,  dL/ds2 = scale^2 h + dL/dv / n
-        dL/dgamma = dL/dscale * r,  dL/dbeta = sum(g)
+def _kernel_forward(library, mean, var, weight, bias, eps, track_running):
+    """As :func:`_formulas_forward` by the C kernel, or ``None`` when an input is not
+    finite."""
+    out_mean, out_var = torch.empty_like(mean), torch.empty_like(var)
+    stats = mean.new_empty((3, mean.shape[1]))
+    # The kernel updates running statistics in place; from zeros, with factor 1, it leaves
+    # this batch's.
+    batch = mean.new_zeros((2, mean.shape[1]))
+    rows = _stat_rows(batch)[:2] if track_running else (None, None)
+    status = _kernel(library, "forward", mean.dtype)(
+        mean.data_ptr(),
+        var.data_ptr(),
+        _pointer(weight),
+        _pointer(bias),
+        *_layout(mean),
+        eps,
+        out_mean.data_ptr(),
+        out_var.data_ptr(),
+        *_stat_rows(stats),
+        *rows,
+        1.0,
+    )
+    return None if status != 0 else (out_mean, out_var, stats, batch)
 
-    (``v = between + within`` depends on ``mu`` through ``between``, whose derivative
-    ``2 d / n`` needs no centring because ``sum(d) = 0``.) Where the kernel finds a
-    non-finite input (forward) or output gradient (backward), this function computes with
-    :func:`_torch_batch_norm_moments` instead (backward: by autograd through a
-    recomputation). The backward pass is not itself differentiable.
-    """
 
-    @staticmethod
-    def forward(ctx, mean, var, weight, bias, eps: float, running, library: ctypes.CDLL):
-        ctx.set_materialize_grads(False)
-        ctx.eps = eps
-        out_mean, out_var = torch.empty_like(mean), torch.empty_like(var)
-        # Per channel m, scale and r, which the backward pass reads.
-        stats = mean.new_empty((3, mean.shape[1]))
-        address, step = stats.data_ptr(), stats.stride(0) * stats.element_size()
-        running_mean, running_var, factor = running or (None, None, 0.0)
-        status = _kernel(library, "forward", mean.dtype)(
-            mean.data_ptr(),
-            var.data_ptr(),
-            _pointer(weight),
-            _pointer(bias),
-            *_layout(mean),
-            eps,
-            out_mean.data_ptr(),
-            out_var.data_ptr(),
-            address,
-            address + step,
-            address + 2 * step,
-            _pointer(running_mean),
-            _pointer(running_var),
-            factor,
-        )
-        ctx.native = library if status == 0 else None
-        if ctx.native is None:  # a non-finite input: the kernel changed no running statistic
-            out_mean, out_var = _torch_batch_norm_moments(mean, var, weight, bias, eps, running)
-        ctx.save_for_backward(mean, var, weight, bias, stats)
-        return out_mean, out_var
+_forward = native.operator(
+    "batch_norm_moments",
+    _formulas_forward,
+    _kernel_forward,
+    lambda mean, var, weight, bias, *rest: _native_library(mean, var, weight, bias, None),
+    _check_forward,
+)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_mean, grad_var):
-        needs = ctx.needs_input_grad[:4]
-        if (grad_mean is None and grad_var is None) or not any(needs):
-            return None, None, None, None, None, None, None
-        mean, var, weight, bias, stats = ctx.saved_tensors
-        grads = None
-        if ctx.native is not None:
-            grads = _native_backward(
-                ctx.native, mean, var, weight, stats, grad_mean, grad_var, needs
+
+def _check_backward(mean, var, stats, grad_mean, grad_var) -> None:
+    _check_forward(mean, var, None, None, 0.0, False)
+    if stats.shape != (3, mean.shape[1]) or stats.dtype != mean.dtype:
+        raise ValueError(f"stats must have shape (3, C) and dtype {mean.dtype}")
+    for grad in (grad_mean, grad_var):
+        if grad is not None and (grad.shape != mean.shape or grad.dtype != mean.dtype):
+            raise ValueError(
+                f"output gradients must have shape {tuple(mean.shape)} and dtype {mean.dtype}"
             )
-        if grads is None:
-            grads = _autograd_backward(mean, var, weight, bias, ctx.eps, grad_mean, grad_var, needs)
-        return (*grads, None, None, None)
 
 
-def _native_backward(library, mean, var, weight, stats, grad_mean, grad_var, needs):
-    """``[dL/dmu, dL/ds2, dL/dgamma, dL/dbeta]`` from the C kernel (``None`` where ``needs``
-    is false), or ``None`` when an output gradient is not finite."""
-    need_mean, need_var, need_weight, need_bias = needs
-    # beta reaches the loss through mu' only (as in autograd, no gradient without it).
-    need_bias = need_bias and grad_mean is not None
+def _formulas_backward(
+    mean: Tensor, var: Tensor, stats: Tensor, grad_mean: Tensor | None, grad_var: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dL/dmu, dL/ds2, dL/dgamma, dL/dbeta)`` by torch (see :func:`_gradient`)."""
+    dims = [0, *range(2, mean.dim())]
+    channel_shape = _channel_shape(mean.dim())
+    count = mean.numel() // mean.shape[1]
+    batch_mean, scale, rstd = (row.view(channel_shape) for row in stats)
+    gy = torch.zeros_like(mean) if grad_mean is None else grad_mean
+    gz = torch.zeros_like(var) if grad_var is None else grad_var
+    centred = mean - batch_mean
+    sum_gy = gy.sum(dims)
+    g_scale = (gy * centred).sum(dims) + 2 * stats[1] * (gz * var).sum(dims)
+    g_v = (-0.5 * g_scale * stats[1] * stats[2].square()).view(channel_shape)
+    g_mean = scale * (gy - sum_gy.view(channel_shape) / count) + 2 * g_v * centred / count
+    g_var = scale.square() * gz + g_v / count
+    return g_mean, g_var, g_scale * stats[2], sum_gy
+
+
+def _kernel_backward(library, mean, var, stats, grad_mean, grad_var):
+    """As :func:`_formulas_backward` by the C kernel, or ``None`` when an input or output
+    gradient is not finite."""
     # The kernel reads both output gradients; a missing one is zero.
     grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.contiguous()
     grad_var = torch.zeros_like(var) if grad_var is None else grad_var.contiguous()
     channels = mean.shape[1]
-    grads = [
-        torch.empty_like(mean) if need_mean else None,
-        torch.empty_like(var) if need_var else None,
-        mean.new_empty(channels) if need_weight and weight is not None else None,
-        mean.new_empty(channels) if need_bias else None,
-    ]
-    address, step = stats.data_ptr(), stats.stride(0) * stats.element_size()
+    grads = (torch.empty_like(mean), torch.empty_like(var))
+    grads += (mean.new_empty(channels), mean.new_empty(channels))
     status = _kernel(library, "backward", mean.dtype)(
         mean.data_ptr(),
         var.data_ptr(),
         grad_mean.data_ptr(),
         grad_var.data_ptr(),
         *_layout(mean),
-        address,
-        address + step,
-        address + 2 * step,
-        *(_pointer(grad) for grad in grads),
+        *_stat_rows(stats),
+        *(grad.data_ptr() for grad in grads),
     )
     return None if status != 0 else grads
 
 
-def _autograd_backward(mean, var, weight, bias, eps, grad_mean, grad_var, needs):
-    """The gradients by autograd through :func:`_torch_batch_norm_moments`."""
-    inputs = [
-        None if tensor is None else tensor.detach().requires_grad_(need)
-        for tensor, need in zip((mean, var, weight, bias), needs, strict=True)
-    ]
-    with torch.enable_grad():
-        outputs = _torch_batch_norm_moments(*inputs, eps)
-        used = [
-            (out, g) for out, g in zip(outputs, (grad_mean, grad_var), strict=True) if g is not None
-        ]
-        wanted = [tensor for tensor, need in zip(inputs, needs, strict=True) if need]
-        results = iter(
-            torch.autograd.grad(
-                [out for out, _ in used], wanted, [g for _, g in used], allow_unused=True
-            )
-        )
-    return [next(results) if need else None for need in needs]
+_backward = native.operator(
+    "batch_norm_moments_backward",
+    _formulas_backward,
+    _kernel_backward,
+    lambda mean, var, stats, *grads: _native_library(mean, var, stats, None, None),
+    _check_backward,
+)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.set_materialize_grads(False)
+    mean, var, weight, bias = inputs[:4]
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.save_for_backward(mean, var, output[2])
+
+
+def _gradient(ctx, grad_mean, grad_var, *_):
+    """Gradients of ``(mu, s2, gamma, beta)``. Per channel, with ``g = dL/dmu'`` and
+    ``h = dL/ds2'``, sums over the channel's ``n`` values, ``d = mu - m``,
+    ``r = 1 / sqrt(v + eps)`` and ``scale = gamma r``::
+
+        dL/dscale = sum(g d) + 2 scale sum(h s2),  dL/dv = -dL/dscale * scale * r^2 / 2
+        dL/dmu = scale (g - sum(g) / n) + 2 dL/dv d / n,  dL/ds2 = scale^2 h + dL/dv / n
+        dL/dgamma = dL/dscale * r,  dL/dbeta = sum(g)
+
+    (``v = between + within`` depends on ``mu`` through ``between``, whose derivative
+    ``2 d / n`` needs no centring because ``sum(d) = 0``.) The backward pass is not itself
+    differentiable."""
+    if grad_mean is None and grad_var is None:
+        return None, None, None, None, None, None
+    mean, var, stats = ctx.saved_tensors
+    g_mean, g_var, g_weight, g_bias = _backward(mean, var, stats, grad_mean, grad_var)
+    # beta reaches the loss through mu' only (as in autograd, no gradient without it).
+    g_weight = g_weight if ctx.has_weight else None
+    g_bias = g_bias if ctx.has_bias and grad_mean is not None else None
+    return g_mean, g_var, g_weight, g_bias, None, None
+
+
+_forward.register_autograd(_gradient, setup_context=_setup_context)
 
 
 def batch_norm_moments(
@@ -302,16 +349,21 @@ def batch_norm_moments(
         ``within`` (not differentiated), or ``None``; needs ``n > 1``.
     :returns: ``(mu', s2')``, each shaped like ``mean``.
 
-    Contiguous float32/float64 CPU tensors go to a C kernel (:mod:`pyro_bqn.native`) that
-    takes two passes over the data in each direction (per-channel sums in double, then the
+    Computed by the operator ``torch.ops.pyro_bqn.batch_norm_moments``. Contiguous
+    float32/float64 CPU tensors go to a C kernel (:mod:`pyro_bqn.native`) that takes two
+    passes over the data in each direction (per-channel sums in double, then the
     element-wise outputs) and updates the running statistics on the way, in place of some
     twenty torch operations forward and twenty-five backward, each of which costs more than
-    the arithmetic at these sizes. Anything else uses the same formulas in torch.
+    the arithmetic at these sizes. Anything else (and input the kernel refuses: a value not
+    finite) uses the same formulas in torch.
     """
-    library = _native_library(mean, var, weight, bias, running)
-    if library is None:
-        return _torch_batch_norm_moments(mean, var, weight, bias, eps, running)
-    return _BatchNormMomentsFunction.apply(mean, var, weight, bias, eps, running, library)
+    out_mean, out_var, _, batch = _forward(mean, var, weight, bias, eps, running is not None)
+    if running is not None:
+        with torch.no_grad():
+            factor = running.factor
+            running.running_mean.mul_(1.0 - factor).add_(batch[0], alpha=factor)
+            running.running_var.mul_(1.0 - factor).add_(batch[1], alpha=factor)
+    return out_mean, out_var
 
 
 _DOC = """Batch normalisation over {shape} input, as :class:`torch.nn.{name}`.

@@ -3,9 +3,10 @@
 
 The moment rule of a two-valued activation runs in every training step of a binary
 network. Written as tensor operations it takes some eighteen small operations forward and
-thirty backward, each a pass over the activations; :class:`_TwoValuedMoments` does each
-direction in one pass of a C kernel (:mod:`pyro_bqn.native`), with the torch formulas as
-the fallback where the kernel is unavailable or an input is not finite.
+thirty backward, each a pass over the activations; the operator
+``torch.ops.pyro_bqn.two_valued_moments`` does each direction in one pass of a C kernel
+(:mod:`pyro_bqn.native`), with the torch formulas as the fallback where the kernel is
+unavailable or an input is not finite.
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ from collections.abc import Sequence
 
 import torch
 from pyro.nn import PyroModule
-from torch.autograd.function import once_differentiable
 
 from pyro_bqn import native
 from pyro_bqn.levels import LearnableThresholds, LevelSet, check_levels
 from pyro_bqn.moments import Moments, split_moments
-from pyro_bqn.nn.gaussian import normal_cdf, safe_std, standardize, variance_floor
+from pyro_bqn.nn.gaussian import (
+    _Z_MAX,
+    normal_cdf,
+    normal_pdf,
+    safe_std,
+    standardize,
+    variance_floor,
+)
 
 __all__ = ["QuantizedActivation", "Sign", "quantized_activation_moments"]
 
@@ -28,24 +35,13 @@ _KERNEL_NAMES = native.kernel_names("two_valued")
 
 
 def _native_library(
-    mean: torch.Tensor, var: torch.Tensor, values: torch.Tensor, thresholds: torch.Tensor
+    mean: torch.Tensor, var: torch.Tensor, values: torch.Tensor, thresholds: torch.Tensor, *rest
 ) -> ctypes.CDLL | None:
-    """The kernel library if it applies to these arguments, else ``None``: contiguous CPU
-    tensors of one supported dtype, ``mean`` and ``var`` of one shape."""
-    dtype = mean.dtype
-    if dtype not in native.SUFFIXES or mean.device.type != "cpu" or var.shape != mean.shape:
-        return None
-    for tensor in (var, values, thresholds):
-        if tensor.dtype != dtype or tensor.device.type != "cpu":
-            return None
-    if not (
-        mean.is_contiguous()
-        and var.is_contiguous()
-        and values.is_contiguous()
-        and thresholds.is_contiguous()
-    ):
-        return None
-    return native.load("two_valued_activation", _KERNEL_NAMES)
+    """The kernel library if it applies to these arguments (see
+    :func:`pyro_bqn.native.library_for`), else ``None``."""
+    return native.library_for(
+        "two_valued_activation", (mean, var, values, thresholds), _KERNEL_NAMES
+    )
 
 
 # Argument types: mean, var, number of entries, values, thresholds, variance floor, then
@@ -85,73 +81,127 @@ def _two_valued_torch(
     return values[0] + step * above, (step.square() * above * below).clamp_min(0.0)
 
 
-class _NonFiniteInput(Exception):
-    """Raised by the kernel path when an input is not finite (the kernel assumes finite
-    values), so that the caller uses the torch path instead."""
+def _check(mean, var, values, thresholds, *rest) -> None:
+    if var.shape != mean.shape or values.shape != (2,) or thresholds.shape != (1,):
+        raise ValueError(
+            "two_valued_moments needs mean and var of one shape, values of shape (2,) and "
+            f"thresholds of shape (1,), got {tuple(mean.shape)}, {tuple(var.shape)}, "
+            f"{tuple(values.shape)} and {tuple(thresholds.shape)}"
+        )
+    tensors = (mean, var, values, thresholds, *(t for t in rest if t is not None))
+    if not mean.is_floating_point() or any(t.dtype != mean.dtype for t in tensors[1:4]):
+        raise ValueError(
+            "two_valued_moments needs floating-point tensors of one dtype, got "
+            f"{[t.dtype for t in tensors[:4]]}"
+        )
+    if any(t.device != mean.device for t in tensors):
+        raise ValueError(f"two_valued_moments needs every tensor on {mean.device}")
 
 
-class _TwoValuedMoments(torch.autograd.Function):
-    r"""``(mean, var, values, thresholds)`` to ``(out_mean, out_var)`` of a two-valued step
-    activation, by the C kernel in each direction.
+def _formulas_forward(
+    mean: torch.Tensor, var: torch.Tensor, values: torch.Tensor, thresholds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out_mean, out_var, False)`` by torch; the last a 0-dim flag that the C kernel did
+    not compute them."""
+    return (*_two_valued_torch(mean, var, values, thresholds), mean.new_zeros((), dtype=bool))
 
-    Shapes: ``mean`` and ``var`` flat ``(N,)`` (contiguous, as the kernel needs),
-    ``values = (a_0, a_1)`` of shape ``(2,)``, ``thresholds = (t,)`` of shape ``(1,)``;
-    both outputs ``(N,)``. With ``sigma = sqrt(max(var, floor))``,
-    ``z = clip((t - mu) / sigma, -40, 40)`` and ``d = a_1 - a_0``:
 
-    .. math::
-        E[a] = a_0 + d\,\Phi(-z),\qquad \mathrm{Var}[a] = d^2 \Phi(-z)\Phi(z).
+def _kernel_forward(library, mean, var, values, thresholds):
+    """As :func:`_formulas_forward` (flag ``True``) by the C kernel, or ``None`` when an
+    input is not finite (the kernel assumes finite values)."""
+    out_mean, out_var = torch.empty_like(mean), torch.empty_like(mean)
+    if _run_kernel(library, "forward", mean, var, values, thresholds, (out_mean, out_var)):
+        return None
+    return out_mean, out_var, mean.new_ones((), dtype=torch.bool)
 
-    Backward, with ``g_m, g_v`` the gradients of the two outputs and ``phi`` the normal
-    density: ``dL/dz = phi(z) (d^2 (Phi(-z) - Phi(z)) g_v - d g_m)``, cut to zero outside
-    the clip; ``dL/dmu = -(dL/dz) / sigma``; ``dL/dvar = -(dL/dz) z / (2 sigma^2)``, cut to
-    zero below the floor. These are the gradients autograd gives for the torch formulas.
-    Gradients of the values and threshold (learnable levels) are sums over all entries,
-    computed with torch in the backward pass only when needed:
-    ``dL/dt = -sum dL/dmu``, ``dL/da_1 = sum (g_m Phi(-z) + 2 d g_v Phi(-z) Phi(z))``,
-    ``dL/da_0 = sum g_m - dL/da_1``. The backward pass is not itself differentiable.
 
-    Raises :class:`_NonFiniteInput` when an input is not finite.
+_forward = native.operator(
+    "two_valued_moments", _formulas_forward, _kernel_forward, _native_library, _check
+)
+
+
+def _formulas_backward(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    values: torch.Tensor,
+    thresholds: torch.Tensor,
+    by_kernel: torch.Tensor,
+    g_out_mean: torch.Tensor | None,
+    g_out_var: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dmean, dL/dvar)`` by torch (see :func:`_gradient`)."""
+    floor = variance_floor(mean.dtype)
+    clamped = var.clamp_min(floor)
+    sigma = clamped.sqrt()
+    u = (thresholds[0] - mean) / sigma
+    z = u.clamp(-_Z_MAX, _Z_MAX)
+    step = values[1] - values[0]
+    g_z = torch.zeros_like(mean)
+    if g_out_mean is not None:
+        g_z = g_z - step * g_out_mean
+    if g_out_var is not None:
+        g_z = g_z + step.square() * (normal_cdf(-z) - normal_cdf(z)) * g_out_var
+    g_u = torch.where(u.abs() <= _Z_MAX, normal_pdf(z) * g_z, 0.0)
+    # u, not z: where the clip cuts the gradient, an infinite u makes it NaN, as in autograd.
+    g_var = torch.where(var >= floor, -g_u * u / (2 * clamped), 0.0)
+    return -g_u / sigma, g_var
+
+
+def _kernel_backward(library, mean, var, values, thresholds, by_kernel, *grads):
+    """``(dL/dmean, dL/dvar)`` by the C kernel, after a forward pass by it (else ``None``)."""
+    if not by_kernel.item():  # a CPU tensor here: no device synchronisation
+        return None
+    grads = [None if g is None else g.contiguous() for g in grads]
+    g_mean, g_var = torch.empty_like(mean), torch.empty_like(var)
+    _run_kernel(library, "backward", mean, var, values, thresholds, (*grads, g_mean, g_var))
+    return g_mean, g_var
+
+
+_backward = native.operator(
+    "two_valued_moments_backward", _formulas_backward, _kernel_backward, _native_library, _check
+)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs, output[2])
+
+
+def _gradient(ctx, g_out_mean, g_out_var, _):
+    r"""Gradients of ``(mean, var, values, thresholds)``. With ``sigma = sqrt(max(var,
+    floor))``, ``u = (t - mu) / sigma``, ``z = clip(u, -40, 40)``, ``d = a_1 - a_0``, ``g_m,
+    g_v`` the gradients of the two outputs and ``phi`` the normal density:
+    ``dL/dz = phi(z) (d^2 (Phi(-z) - Phi(z)) g_v - d g_m)``, cut to zero outside the clip;
+    ``dL/dmu = -(dL/dz) / sigma``; ``dL/dvar = -(dL/dz) z / (2 sigma^2)``, cut to zero below
+    the floor. These are the gradients autograd gives for the torch formulas. Gradients of
+    the values and threshold (learnable levels) are sums over all entries, computed with
+    torch only when needed: ``dL/dt = -sum dL/dmu``,
+    ``dL/da_1 = sum (g_m Phi(-z) + 2 d g_v Phi(-z) Phi(z))``, ``dL/da_0 = sum g_m - dL/da_1``.
     """
+    if g_out_mean is None and g_out_var is None:
+        return None, None, None, None
+    mean, var, values, thresholds, by_kernel = ctx.saved_tensors
+    g_mean, g_var = _backward(mean, var, values, thresholds, by_kernel, g_out_mean, g_out_var)
+    g_values = g_thresholds = None
+    if ctx.needs_input_grad[2]:
+        # Learnable levels (rare): recompute the probabilities with torch for the sums.
+        z = standardize(thresholds[0], mean, safe_std(var))
+        above, below = normal_cdf(-z), normal_cdf(z)
+        step = values[1] - values[0]
+        g_step = mean.new_zeros(())
+        g_first = mean.new_zeros(())
+        if g_out_mean is not None:
+            g_step = g_step + (g_out_mean * above).sum()
+            g_first = g_out_mean.sum()
+        if g_out_var is not None:
+            g_step = g_step + 2 * step * (g_out_var * above * below).sum()
+        g_values = torch.stack([g_first - g_step, g_step])
+    if ctx.needs_input_grad[3]:
+        g_thresholds = -g_mean.sum().reshape(1)
+    return g_mean, g_var, g_values, g_thresholds
 
-    @staticmethod
-    def forward(ctx, mean, var, values, thresholds, library):
-        ctx.set_materialize_grads(False)
-        out_mean, out_var = torch.empty_like(mean), torch.empty_like(mean)
-        arrays = (out_mean, out_var)
-        if _run_kernel(library, "forward", mean, var, values, thresholds, arrays):
-            raise _NonFiniteInput
-        ctx.library = library
-        ctx.save_for_backward(mean, var, values, thresholds)
-        return out_mean, out_var
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_out_mean, g_out_var):
-        if g_out_mean is None and g_out_var is None:
-            return None, None, None, None, None
-        mean, var, values, thresholds = ctx.saved_tensors
-        grads = [None if g is None else g.contiguous() for g in (g_out_mean, g_out_var)]
-        g_mean, g_var = torch.empty_like(mean), torch.empty_like(var)
-        arrays = (*grads, g_mean, g_var)
-        _run_kernel(ctx.library, "backward", mean, var, values, thresholds, arrays)
-        g_values = g_thresholds = None
-        if ctx.needs_input_grad[2]:
-            # Learnable levels (rare): recompute the probabilities with torch for the sums.
-            z = standardize(thresholds[0], mean, safe_std(var))
-            above, below = normal_cdf(-z), normal_cdf(z)
-            step = values[1] - values[0]
-            g_step = mean.new_zeros(())
-            g_first = mean.new_zeros(())
-            if grads[0] is not None:
-                g_step = g_step + torch.dot(grads[0], above)
-                g_first = grads[0].sum()
-            if grads[1] is not None:
-                g_step = g_step + 2 * step * torch.dot(grads[1], above * below)
-            g_values = torch.stack([g_first - g_step, g_step])
-        if ctx.needs_input_grad[3]:
-            g_thresholds = -g_mean.sum().reshape(1)
-        return g_mean, g_var, g_values, g_thresholds, None
+_forward.register_autograd(_gradient, setup_context=_setup_context)
 
 
 def quantized_activation_moments(
@@ -178,7 +228,9 @@ def quantized_activation_moments(
     :returns: ``(mean, var)`` of ``a(h)``, each of shape ``S``.
 
     For ``M = 2``, contiguous float32/float64 CPU inputs (``mean`` and ``var`` of one shape)
-    go through a C kernel, one pass in each direction (:class:`_TwoValuedMoments`). It gives
+    go through a C kernel, one pass in each direction (the operator
+    ``torch.ops.pyro_bqn.two_valued_moments``; other inputs use the same formulas in torch
+    inside it). It gives
     the values of the torch formulas and the gradients autograd gives for them, to rounding,
     except that tail probabilities (and densities) below ``1e-37`` in float32 and ``1e-295``
     in float64 count as 0 (the vector ``erfc`` and ``exp`` are slow where they underflow).
@@ -186,17 +238,10 @@ def quantized_activation_moments(
     if values.shape[0] == 2:
         # One threshold (binary networks, e.g. Sign: the common case): one kernel pass in
         # each direction where it applies, else the torch formulas.
-        library = _native_library(mean, var, values, thresholds)
-        if library is not None:
-            try:
-                out_mean, out_var = _TwoValuedMoments.apply(
-                    mean.reshape(-1), var.reshape(-1), values, thresholds, library
-                )
-            except _NonFiniteInput:
-                pass
-            else:
-                return out_mean.reshape(mean.shape), out_var.reshape(mean.shape)
-        return _two_valued_torch(mean, var, values, thresholds)
+        mean, var = torch.broadcast_tensors(mean, var)
+        values, thresholds = values.to(mean.dtype), thresholds.to(mean.dtype)
+        out_mean, out_var, _ = _forward(mean, var, values, thresholds)
+        return out_mean, out_var
     std = safe_std(var).unsqueeze(-1)
     z = standardize(thresholds, mean.unsqueeze(-1), std)
     above, below = normal_cdf(-z), normal_cdf(z)

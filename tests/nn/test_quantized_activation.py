@@ -237,6 +237,7 @@ def test_two_valued_kernel_matches_the_torch_formulas(native_only, dtype, shape,
     _assert_all_close(got, expected, dtype)
 
 
+@pytest.mark.skipif(NATIVE_OFF, reason="native kernels turned off with PYRO_BQN_NATIVE=0")
 @settings(max_examples=30, deadline=None)
 @given(
     shape=SHAPES,
@@ -250,8 +251,6 @@ def test_two_valued_kernel_matches_the_torch_formulas(native_only, dtype, shape,
 def test_two_valued_kernel_matches_for_any_levels(
     shape, low, gap, threshold, mean_scale, double, seed
 ):
-    if NATIVE_OFF:
-        return
     dtype = torch.float64 if double else torch.float32
     mean, var = _moment_inputs(shape, dtype, seed, mean_scale)
     values = torch.tensor([low, low + gap], dtype=dtype)
@@ -392,7 +391,7 @@ def test_two_valued_second_derivatives_are_refused(native_only):
     values, thresholds = _values(torch.float64, asymmetric=False)
     out_mean, _ = quantized_activation_moments(mean, var, values, thresholds)
     (grad,) = torch.autograd.grad(out_mean.sum(), mean, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+    with pytest.raises(RuntimeError, match="no autograd formula"):
         torch.autograd.grad(grad.square().sum(), mean)
 
 
