@@ -11,6 +11,7 @@ continues an interrupted run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from pyro_bqn import priors
 from pyro_bqn.architectures import ARCHITECTURES, Architecture
 from pyro_bqn.atomic_files import write_text
 from pyro_bqn.data import DATASET_NAMES, Dataset, load_dataset, shifted_images
+from pyro_bqn.deploy.artefacts import FORMATS, input_codes_of, save_deployable
 from pyro_bqn.diagnostics import (
     PosteriorSummaryRecorder,
     calibration_report,
@@ -39,7 +41,7 @@ from pyro_bqn.diagnostics import (
     reliability_diagram,
     save_figure,
 )
-from pyro_bqn.export import export_network
+from pyro_bqn.export import QuantizedNetwork, export_network
 from pyro_bqn.infer import (
     AutoQuantizedGuide,
     fit,
@@ -207,6 +209,17 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the interrupted run of --output from its last completed epoch",
     )
+    fit_parser.add_argument(
+        "--export",
+        choices=FORMATS,
+        help="also write the most probable network as a standalone integer program "
+        "(torch: network.pt2, onnx: network.onnx) with its size report",
+    )
+    export_parser = commands.add_parser(
+        "export", help="write a fitted run's most probable network as a standalone program"
+    )
+    export_parser.add_argument("run_dir", type=Path, help="the --output folder of pyro-bqn fit")
+    export_parser.add_argument("--format", choices=FORMATS, required=True)
     bench_parser = commands.add_parser("bench", help="train every method and compare them")
     _add_training_arguments(bench_parser)
     bench_parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (>= 3)")
@@ -233,7 +246,7 @@ def _build_parser() -> argparse.ArgumentParser:
 #: moments and the kernel's gradient buffer, in float32, with one copy to spare.
 _TRAINING_BYTES_PER_LOGIT = 6 * 4
 #: Arguments that do not change what a run computes (not compared on --resume).
-_NOT_RECORDED = {"command", "output", "overwrite", "resume", "no_progress"}
+_NOT_RECORDED = {"command", "output", "overwrite", "resume", "no_progress", "export"}
 
 
 def _load(name: str, **kwargs: float) -> Dataset:
@@ -313,6 +326,8 @@ def _record_arguments(args: argparse.Namespace, output: OutputFolder) -> None:
 
 
 def _fit(args: argparse.Namespace) -> dict:
+    if args.export is not None:
+        _check_export_format(args.export)
     levels = parse_levels(args.levels)
     data = _load(args.dataset)
     architecture = _architecture(args, data, levels)
@@ -359,8 +374,50 @@ def _fit(args: argparse.Namespace) -> dict:
         "history": history,
     }
     _evaluate_fit(args, model, guide, data, results, output.staging)
+    if args.export is not None:
+        _deploy(output.staging, args.export, model, data, architecture)
     output.commit()
     return results
+
+
+def _check_export_format(format: str) -> None:
+    """Refuse ``onnx`` without the onnx package, before any work."""
+    if format == "onnx" and importlib.util.find_spec("onnx") is None:
+        raise UsageError("--format onnx needs the onnx package: pip install 'pyro_bqn[onnx]'")
+
+
+def _deploy(folder: Path, format: str, model, data: Dataset, architecture) -> dict:
+    """Write ``folder/network.pt``'s network as a deployable file (``format``) and its size
+    report into ``folder``."""
+    network = QuantizedNetwork.load(folder / "network.pt")
+    codes = input_codes_of(data) if architecture.kind == "mlp" else None
+    return save_deployable(network, model, data.x_train[:2], folder, format, codes)
+
+
+def _export(args: argparse.Namespace) -> dict:
+    """``pyro-bqn export RUN_DIR --format F``: the run's ``network.pt`` (the most probable
+    network, with its own batch-norm statistics) as a deployable file in ``RUN_DIR``, the
+    model rebuilt from ``arguments.json``."""
+    _check_export_format(args.format)
+    folder = args.run_dir
+    for name in ("arguments.json", "network.pt"):
+        if not (folder / name).is_file():
+            raise UsageError(
+                f"{str(folder)!r} has no {name}: give the --output folder of a finished "
+                "pyro-bqn fit"
+            )
+    try:
+        recorded = argparse.Namespace(**json.loads((folder / "arguments.json").read_text()))
+        levels = parse_levels(recorded.levels)
+        data = _load(recorded.dataset)
+        architecture = _architecture(recorded, data, levels)
+        prior = _prior(recorded, levels)
+        activation = recorded.activation
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise UsageError(f"cannot read {folder / 'arguments.json'}: {error}") from None
+    pyro.clear_param_store()
+    model = QuantizedClassifier(architecture, levels, activation, prior)
+    return _deploy(folder, args.format, model, data, architecture)
 
 
 def _evaluate_fit(args, model, guide, data: Dataset, results: dict, folder: Path) -> None:
@@ -552,6 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fit(args)
             print((args.output / "summary.md").read_text())
             print(f"results in {args.output}/ (metrics.json, summary.md, *.png)")
+        elif args.command == "export":
+            report = _export(args)
+            print((args.run_dir / f"deployment_{args.format}.md").read_text())
+            print(f"wrote {args.run_dir / report['file']}")
         else:
             _bench(args)
     except KeyboardInterrupt:

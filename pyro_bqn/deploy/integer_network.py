@@ -320,8 +320,10 @@ def _sign_layer(affine: _Affine, bn: nn.Module) -> tuple[list[nn.Module], _Input
 def _activation_kind(module: nn.Module, name: str) -> str:
     if isinstance(module, qnn.ReLU):
         return "relu"
-    if isinstance(module, QuantizedActivation) and module.values.tolist() == [-1.0, 1.0] and (
-        module.thresholds.tolist() == [0.0]
+    if (
+        isinstance(module, QuantizedActivation)
+        and module.values.tolist() == [-1.0, 1.0]
+        and (module.thresholds.tolist() == [0.0])
     ):
         return "sign"
     raise ValueError(

@@ -98,12 +98,9 @@ class _Graph:
         bits = next(b for b in (1, 2, 4, 8) if table.numel() <= 2**b)
         packed = pack_indices(indices.reshape(-1), bits).numpy()
         shifts = np.arange(8 - bits, -1, -bits, dtype=np.uint8)
-        codes = self.node(
-            "BitShift",
-            [self.node("Unsqueeze", [self.constant(packed, "packed"), self.constant(np.int64([1]))]),
-             self.constant(shifts)],
-            direction="RIGHT",
-        )
+        packed_name, axis = self.constant(packed, "packed"), self.constant(np.int64([1]))
+        rows = self.node("Unsqueeze", [packed_name, axis])
+        codes = self.node("BitShift", [rows, self.constant(shifts)], direction="RIGHT")
         codes = self.node("BitwiseAnd", [codes, self.constant(np.uint8(2**bits - 1))])
         codes = self.node("Reshape", [codes, self.constant(np.int64([-1]))])
         codes = self.node(
