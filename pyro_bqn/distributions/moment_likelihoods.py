@@ -73,10 +73,12 @@ class MomentCategorical(TorchDistribution):
 
     :param logits: tensor or :class:`~pyro_bqn.Moments` of shape ``batch_shape + (C,)``.
 
-    ``batch_shape = logits.shape[:-1]``, ``event_shape = ()``, values in ``{0, ..., C-1}``.
+    ``batch_shape = logits.shape[:-1]``, ``event_shape = ()``, values in ``{0, ..., C-1}``;
+    :meth:`entropy` is that of the predictive.
     """
 
-    arg_constraints = {}
+    # Dependent: a tensor or Moments, checked in __init__; infer_shapes reads the event dim.
+    arg_constraints = {"logits": constraints.dependent(is_discrete=False, event_dim=1)}
     has_enumerate_support = True
 
     def __init__(self, logits: torch.Tensor | Moments, validate_args: bool | None = None) -> None:
@@ -125,6 +127,10 @@ class MomentCategorical(TorchDistribution):
     def enumerate_support(self, expand: bool = True) -> torch.Tensor:
         return self._predictive.enumerate_support(expand)
 
+    def entropy(self) -> torch.Tensor:
+        """``-sum_k p_k log p_k`` of the predictive ``p``, shape ``batch_shape``."""
+        return self._predictive.entropy()
+
 
 class MomentBernoulli(TorchDistribution):
     r"""Bernoulli likelihood on a logit ``z`` that is a tensor or Gaussian moments: the
@@ -135,9 +141,12 @@ class MomentBernoulli(TorchDistribution):
     * predictive ``probs = sigmoid(mu / sqrt(1 + pi sigma^2 / 8))``.
 
     :param logits: tensor or :class:`~pyro_bqn.Moments` of shape ``batch_shape``.
+
+    :attr:`mean`, :attr:`variance` and :meth:`entropy` are those of the predictive.
     """
 
-    arg_constraints = {}
+    # Dependent: a tensor or Moments, checked in __init__; infer_shapes reads the event dim.
+    arg_constraints = {"logits": constraints.dependent(is_discrete=False, event_dim=0)}
     support = constraints.boolean
     has_enumerate_support = True
 
@@ -151,6 +160,22 @@ class MomentBernoulli(TorchDistribution):
     def probs(self) -> torch.Tensor:
         """Predictive ``P(y = 1)``, shape ``batch_shape``."""
         return torch.sigmoid(_probit_scaled(self.logit_mean, self.logit_var))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``P(y = 1)``, shape ``batch_shape``."""
+        return self.probs
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """``p (1 - p)`` with ``p = P(y = 1)``, shape ``batch_shape``."""
+        probs = self.probs
+        return probs * (1 - probs)
+
+    def entropy(self) -> torch.Tensor:
+        """``-p log p - (1 - p) log(1 - p)`` with ``p = P(y = 1)``, shape ``batch_shape``."""
+        logits = _probit_scaled(self.logit_mean, self.logit_var)
+        return F.binary_cross_entropy_with_logits(logits, torch.sigmoid(logits), reduction="none")
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(MomentBernoulli, _instance)
@@ -198,9 +223,16 @@ class MomentNormal(TorchDistribution):
     :param loc: tensor or :class:`~pyro_bqn.Moments` of shape ``batch_shape``.
     :param scale: the noise scale ``tau > 0``, a float or a tensor broadcastable to ``loc``
         (a learnable ``pyro.param`` or a fixed value; a random scale has no exact rule).
+
+    :attr:`mean`, :attr:`variance`, :meth:`entropy`, :meth:`cdf` and :meth:`icdf` are those of
+    the predictive.
     """
 
-    arg_constraints = {"scale": constraints.positive}
+    # loc is dependent: a tensor or Moments, checked in __init__; infer_shapes reads the event dim.
+    arg_constraints = {
+        "loc": constraints.dependent(is_discrete=False, event_dim=0),
+        "scale": constraints.positive,
+    }
     support = constraints.real
     has_rsample = True
 
@@ -256,6 +288,19 @@ class MomentNormal(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         return self.predictive.rsample(sample_shape)
+
+    def entropy(self) -> torch.Tensor:
+        """``log(s sqrt(2 pi e))`` with ``s^2 = sigma^2 + tau^2``, shape ``batch_shape``."""
+        return self.predictive.entropy()
+
+    def cdf(self, value: torch.Tensor) -> torch.Tensor:
+        """The predictive ``Phi((value - mu) / s)``, ``s^2 = sigma^2 + tau^2``; shape
+        ``broadcast(value.shape, batch_shape)``."""
+        return self.predictive.cdf(value)
+
+    def icdf(self, value: torch.Tensor) -> torch.Tensor:
+        """The predictive quantile ``mu + s Phi^-1(value)`` of probabilities ``value``."""
+        return self.predictive.icdf(value)
 
 
 def expected_log_prob(fn: TorchDistribution, value: torch.Tensor) -> torch.Tensor:

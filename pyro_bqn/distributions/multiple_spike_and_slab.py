@@ -10,7 +10,11 @@ import torch
 from pyro.distributions import Categorical, TorchDistribution, constraints
 from pyro.distributions.util import broadcast_shape
 
-from pyro_bqn.distributions.quantized_categorical import resolve_levels
+from pyro_bqn.distributions.quantized_categorical import (
+    HoldsLevelSet,
+    match_levels,
+    resolve_levels,
+)
 from pyro_bqn.distributions.relaxed_value import soft_onehot_of
 from pyro_bqn.levels import LevelSet
 from pyro_bqn.moments import Moments
@@ -18,6 +22,9 @@ from pyro_bqn.moments import Moments
 __all__ = ["MultipleSpikeAndSlab"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+# Slab draws that round onto a level are redrawn up to this many times (each time with the
+# slab's O(eps) probability of landing there again).
+_MAX_REDRAWS = 32
 
 
 def _normal_log_prob(
@@ -26,7 +33,7 @@ def _normal_log_prob(
     return -0.5 * ((value - loc) / scale).square() - scale.log() - _HALF_LOG_2PI
 
 
-class MultipleSpikeAndSlab(TorchDistribution):
+class MultipleSpikeAndSlab(HoldsLevelSet, TorchDistribution):
     r"""A mixture of spikes at the levels and a Gaussian slab:
 
         ``p(w) = sum_k pi_k spike_k(w) + pi_0 N(w; slab_loc, slab_scale^2)``,
@@ -44,11 +51,25 @@ class MultipleSpikeAndSlab(TorchDistribution):
     sampling-free :class:`~pyro_bqn.DeterministicELBO`; the KL to a spike-and-slab prior is
     registered in :mod:`pyro_bqn.distributions.kl`.
 
-    With point-mass spikes the distribution is mixed discrete/continuous, and
-    :meth:`log_prob` is its density with respect to counting measure on the levels plus
-    Lebesgue measure: ``log pi_k`` at ``w = v_k`` and
-    ``log pi_0 + log N(w; slab_loc, slab_scale^2)`` anywhere else (the slab gives no mass to
-    a single point). With Gaussian spikes it is the ordinary Lebesgue density of the mixture.
+    **Dominating measure.** With Gaussian spikes (``spike_scale > 0``) the distribution has
+    an ordinary density, and :meth:`log_prob` is its log-density with respect to Lebesgue
+    measure. With point-mass spikes it is mixed discrete/continuous, and :meth:`log_prob` is
+    its log-density with respect to ``mu = sum_k delta_{v_k} + Lebesgue``, counting measure
+    on the levels plus Lebesgue measure:
+
+        ``log p(w) = log pi_k``                                     if ``w = v_k``,
+        ``log p(w) = log pi_0 + log N(w; slab_loc, slab_scale^2)``  otherwise
+
+    (the slab gives no mass to a single point, so a level's density is its spike's weight).
+    A value is a level to within the rounding of the coarser of its dtype and the levels'
+    (:func:`~pyro_bqn.distributions.quantized_categorical.match_levels`), so a level value
+    that went through another dtype keeps its spike. :meth:`sample` draws from the same
+    measure: a spike draw is exactly its level, and a slab draw is never read as one (a slab
+    draw that rounds onto a level, which has probability ``O(eps)``, is redrawn), so
+    ``log_prob`` reads every sample as the component that drew it. :meth:`entropy` is
+    ``-E[log p(w)]`` with respect to the same measure,
+    ``-sum_k pi_k log pi_k - pi_0 log pi_0 + pi_0 H(slab)``; with Gaussian spikes the
+    entropy (of a Gaussian mixture) has no closed form.
 
     A value that carries a one-hot ``y`` over the levels (a sample of a relaxed or
     straight-through guide, see :class:`~pyro_bqn.distributions.RelaxedLevelValue`) is a
@@ -81,6 +102,7 @@ class MultipleSpikeAndSlab(TorchDistribution):
     """
 
     arg_constraints = {
+        "levels": constraints.ordered_vector,
         "spike_probs": constraints.independent(constraints.unit_interval, 1),
         "slab_prob": constraints.unit_interval,
         "slab_scale": constraints.positive,
@@ -227,11 +249,10 @@ class MultipleSpikeAndSlab(TorchDistribution):
             self._validate_sample(value)
         slab = self.slab_prob.log() + _normal_log_prob(value, self.slab_loc, self.slab_scale)
         if self.point_mass:
-            matches = value.unsqueeze(-1) == self.levels
-            index = matches.long().argmax(-1, keepdim=True)
-            index, log_spikes = torch.broadcast_tensors(index, self.spike_probs.log())
+            index, is_level = match_levels(value, self.levels)
+            index, log_spikes = torch.broadcast_tensors(index.unsqueeze(-1), self.spike_probs.log())
             log_spike = log_spikes.gather(-1, index[..., :1]).squeeze(-1)
-            return torch.where(matches.any(-1), log_spike, slab)
+            return torch.where(is_level, log_spike, slab)
         spikes = self.spike_probs.log() + _normal_log_prob(
             value.unsqueeze(-1), self.levels, self.spike_scale.unsqueeze(-1)
         )
@@ -254,7 +275,42 @@ class MultipleSpikeAndSlab(TorchDistribution):
             loc = locs.expand(shape + (-1,)).gather(-1, index).squeeze(-1)
             scale = scales.expand(shape + (-1,)).gather(-1, index).squeeze(-1)
             # A point-mass spike has scale 0, so its sample is exactly the level.
-            return loc + scale * torch.randn(shape, dtype=loc.dtype, device=loc.device)
+            x = loc + scale * torch.randn(shape, dtype=loc.dtype, device=loc.device)
+            if self.point_mass:
+                x = self._redraw_slab_on_levels(x, component == self.num_levels, loc, scale)
+            return x
+
+    def _redraw_slab_on_levels(
+        self, x: torch.Tensor, slab: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """Redraw the slab draws (``slab``, shape of ``x``) that round onto a level, which
+        :meth:`log_prob` would read as a spike: the slab's mass there is ``O(eps)``."""
+        for _ in range(_MAX_REDRAWS):
+            redraw = slab & match_levels(x, self.levels)[1]
+            if not redraw.any():
+                return x
+            x = torch.where(redraw, loc + scale * torch.randn_like(x), x)
+        raise ValueError(
+            f"slab_scale {scale[redraw].flatten()[:3].tolist()} is too small to tell the slab "
+            f"from the spike at levels {self.levels.tolist()} in {x.dtype}"
+        )
+
+    def entropy(self) -> torch.Tensor:
+        """``-E[log p(w)]`` with point-mass spikes (see the class docstring for the measure):
+        ``-sum_k pi_k log pi_k - pi_0 log pi_0 + pi_0 log(slab_scale sqrt(2 pi e))``, shape
+        ``batch_shape``.
+
+        :raises NotImplementedError: with Gaussian spikes, whose mixture entropy has no
+            closed form.
+        """
+        if not self.point_mass:
+            raise NotImplementedError(
+                "MultipleSpikeAndSlab with Gaussian spikes has no closed-form entropy (that "
+                "of a Gaussian mixture); point-mass spikes (spike_scale=0) have one"
+            )
+        weights = torch.cat([self.spike_probs, self.slab_prob.unsqueeze(-1)], dim=-1)
+        slab_entropy = self.slab_scale.log() + _HALF_LOG_2PI + 0.5
+        return -torch.xlogy(weights, weights).sum(-1) + self.slab_prob * slab_entropy
 
     @property
     def mean(self) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from pyro.distributions import Categorical, TorchDistribution, constraints
 from torch.distributions.utils import lazy_property
@@ -15,11 +17,41 @@ from pyro_bqn.distributions.relaxed_value import soft_onehot_of
 from pyro_bqn.levels import LevelSet, check_levels
 from pyro_bqn.moments import Moments
 
-__all__ = ["QuantizedCategorical", "LevelSupport", "resolve_levels"]
+__all__ = [
+    "QuantizedCategorical",
+    "LevelSupport",
+    "HoldsLevelSet",
+    "match_levels",
+    "resolve_levels",
+]
+
+
+def match_levels(value: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(index, is_level)``, each of the shape of ``value``: the index (``long``) of the
+    level nearest to each entry, and whether the entry *is* that level.
+
+    An entry is the level ``v_k`` when ``|value - v_k| <= K * eps * max_j |v_j|``, ``eps`` the
+    machine epsilon of the coarser of the two dtypes: the rounding that computing the ``K``
+    levels by a chain of additions (as :class:`~pyro_bqn.levels.LearnableLevels` does) may
+    accumulate in that dtype. So a level and a value that went through another dtype (e.g.
+    by Pyro's ``deep_to``) still match, which exact equality across dtypes would not (``0.1``
+    in float32 is not ``0.1`` in float64). NaN and infinite entries are no level.
+    """
+    value, levels = value.detach(), levels.detach()
+    epsilons = [torch.finfo(levels.dtype).eps]
+    if value.is_floating_point():
+        epsilons.append(torch.finfo(value.dtype).eps)
+        levels = levels.to(torch.promote_types(value.dtype, levels.dtype))
+    value = value.to(levels.dtype).contiguous()
+    # Nearest level: bucketize on the midpoints between neighbours.
+    index = torch.bucketize(value, 0.5 * (levels[1:] + levels[:-1]))
+    tolerance = levels.shape[0] * max(epsilons) * levels.abs().max()
+    return index, (value - levels[index]).abs() <= tolerance
 
 
 class LevelSupport(constraints.Constraint):
-    """The finite set of values ``{v_1, ..., v_K}`` (a discrete constraint)."""
+    """The finite set of values ``{v_1, ..., v_K}`` (a discrete constraint); membership as in
+    :func:`match_levels`, to the precision of the coarser dtype."""
 
     is_discrete = True
     event_dim = 0
@@ -29,7 +61,7 @@ class LevelSupport(constraints.Constraint):
         super().__init__()
 
     def check(self, value: torch.Tensor) -> torch.Tensor:
-        return (value.unsqueeze(-1) == self.levels).any(-1)
+        return match_levels(value, self.levels)[1]
 
     def __repr__(self) -> str:
         return f"LevelSupport({self.levels.tolist()})"
@@ -45,7 +77,36 @@ def resolve_levels(levels: LevelSet | torch.Tensor) -> tuple[torch.Tensor, Level
     return check_levels(values), None
 
 
-class QuantizedCategorical(TorchDistribution):
+class HoldsLevelSet:
+    """Deep copies of a distribution on a :class:`~pyro_bqn.levels.LevelSet` (its
+    ``level_set``, and ``levels`` read from it) hold their own copy of the level set.
+
+    Pyro's :func:`~pyro.distributions.util.deep_to` calls ``Module.to`` *in place* on every
+    module it meets; through a distribution that would convert the caller's level set (a
+    layer's, shared with its priors). The copy is made first, with
+    :meth:`~pyro_bqn.levels.LevelSet.copy`, so ``deep_to`` converts the copy; the copied
+    distribution's ``levels`` are read from it, as at construction.
+    """
+
+    level_set: LevelSet | None
+    levels: torch.Tensor
+
+    def __deepcopy__(self, memo: dict) -> HoldsLevelSet:
+        level_set = self.level_set
+        # Both go into the memo, so every reference to them in the copy (a wrapped
+        # distribution's too) sees the one copy.
+        if level_set is not None and id(level_set) not in memo:
+            own = copy.deepcopy(level_set.copy(), memo)
+            memo[id(level_set)] = own
+            memo[id(self.levels)] = own.values
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            new.__dict__[name] = copy.deepcopy(value, memo)
+        return new
+
+
+class QuantizedCategorical(HoldsLevelSet, TorchDistribution):
     r"""A categorical distribution whose outcomes are the values of a level set.
 
     ``P(w = v_k) = p_k`` with ``p = softmax(logits)`` (or ``probs``).
@@ -59,7 +120,11 @@ class QuantizedCategorical(TorchDistribution):
     the dtype of ``levels``.
     """
 
-    arg_constraints = {"logits": constraints.real_vector, "probs": constraints.simplex}
+    arg_constraints = {
+        "levels": constraints.ordered_vector,
+        "logits": constraints.real_vector,
+        "probs": constraints.simplex,
+    }
     has_enumerate_support = True
 
     def __init__(
@@ -146,17 +211,18 @@ class QuantizedCategorical(TorchDistribution):
         return new
 
     def index_of(self, value: torch.Tensor) -> torch.Tensor:
-        """Level indices (``long``) of level values; same shape as ``value``.
+        """Level indices (``long``) of level values; same shape as ``value``. A value is a
+        level to the precision of the coarser dtype (:func:`match_levels`).
 
         :raises ValueError: if an entry of ``value`` is not one of the levels.
         """
-        matches = value.detach().unsqueeze(-1) == self.levels
-        if not matches.any(-1).all():
-            bad = value[~matches.any(-1)].flatten()[:5].tolist()
+        index, is_level = match_levels(value, self.levels)
+        if not is_level.all():
+            bad = value[~is_level].flatten()[:5].tolist()
             raise ValueError(
                 f"value holds entries that are not levels {self.levels.tolist()}: {bad}"
             )
-        return matches.to(torch.long).argmax(-1)
+        return index
 
     def value_of(self, index: torch.Tensor) -> torch.Tensor:
         """Level values of level indices; same shape as ``index``."""

@@ -24,11 +24,21 @@ from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.util import broadcast_shape
 from torch.distributions.utils import clamp_probs
 
-from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical, resolve_levels
+from pyro_bqn.distributions.quantized_categorical import (
+    HoldsLevelSet,
+    QuantizedCategorical,
+    resolve_levels,
+)
 from pyro_bqn.distributions.relaxed_value import RelaxedLevelValue, soft_onehot_of
 from pyro_bqn.levels import LevelSet
 
 __all__ = ["RelaxedQuantizedCategorical", "RelaxedQuantizedCategoricalStraightThrough"]
+
+
+_NO_CLOSED_FORM = (
+    "RelaxedQuantizedCategorical has no closed-form {} (that of a Concrete one-hot is an "
+    "integral without one); the exact categorical it relaxes is its .quantized"
+)
 
 
 def _check_temperature(temperature: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -74,7 +84,7 @@ def _gumbel_softmax(
     return torch.softmax(scores / temperature.unsqueeze(-1), dim=-1), scores.argmax(-1)
 
 
-class RelaxedQuantizedCategorical(TorchDistribution):
+class RelaxedQuantizedCategorical(HoldsLevelSet, TorchDistribution):
     r"""A Gumbel-softmax relaxation of :class:`QuantizedCategorical`.
 
     :meth:`rsample` draws ``y = softmax((logits + g) / temperature)`` (``g_k`` iid standard
@@ -82,11 +92,23 @@ class RelaxedQuantizedCategorical(TorchDistribution):
     lies in ``[v_1, v_K]`` and is differentiable in ``logits`` (and in learnable levels).
 
     :meth:`log_prob` is *not* the Concrete density. For a value carrying its one-hot ``y`` it
-    is ``sum_k y_k log q_k``; for a plain level value ``v_k`` it is ``log q_k``. This pairs
-    with the prior's ``log_prob`` (``sum_k y_k log p_k``), so that Trace_ELBO's
-    ``log p - log q`` at this site is the relaxed single-sample KL estimate
-    ``sum_k y_k log(p_k / q_k)``, exact at one-hot values. Do not use it where a normalised
-    density is needed (importance weights, model comparison).
+    is ``sum_k y_k log q_k``; this pairs with the prior's ``log_prob`` (``sum_k y_k log p_k``),
+    so that Trace_ELBO's ``log p - log q`` at this site is the relaxed single-sample KL
+    estimate ``sum_k y_k log(p_k / q_k)``, exact at one-hot values. Do not use it where a
+    normalised density is needed (importance weights, model comparison, goodness-of-fit).
+
+    Any torch operation on a sample (``clone``, ``reshape``, ``detach``, ``x * 1``, Pyro's
+    generic ``expand``) returns a plain tensor without the one-hot. A plain value ``x`` of the
+    support ``[v_1, v_K]`` is read as the one-hot on its two neighbouring levels that gives
+    it: for ``v_k <= x <= v_{k+1}``, ``y_k = (v_{k+1} - x) / (v_{k+1} - v_k)`` and
+    ``y_{k+1} = 1 - y_k``. So ``log_prob`` is finite on all of the support and, between the
+    carried one-hots, piecewise linear in ``x`` through ``(v_k, log q_k)``: ``log q_k`` at a
+    level ``v_k``, as for the categorical. ``support.check(x)`` and ``log_prob(x)`` agree.
+
+    :attr:`mean`, :attr:`variance` and :meth:`entropy` raise ``NotImplementedError``: the
+    mean of a Concrete one-hot ``E[y_k]`` has no closed form (Maddison et al. 2017), nor has
+    the entropy. The exact categorical the relaxation approaches as the temperature drops
+    (and whose samples the carried one-hot's argmax is) is :attr:`quantized`.
 
     :param levels: a :class:`~pyro_bqn.levels.LevelSet` or a strictly increasing ``(K,)``
         tensor; a learnable level set is read once, at construction.
@@ -101,6 +123,7 @@ class RelaxedQuantizedCategorical(TorchDistribution):
     """
 
     arg_constraints = {
+        "levels": constraints.ordered_vector,
         "logits": constraints.real_vector,
         "probs": constraints.simplex,
         "temperature": constraints.positive,
@@ -158,16 +181,52 @@ class RelaxedQuantizedCategorical(TorchDistribution):
         clamped = value.detach().clamp(self.levels[0].detach(), self.levels[-1].detach())
         return RelaxedLevelValue.wrap(clamped + (value - value.detach()), y)
 
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        """``sum_k y_k log q_k`` for a value carrying ``y``, ``log q_k`` at a plain level
-        value ``v_k``; shape ``broadcast(value.shape, batch_shape)``.
+    @property
+    def quantized(self) -> QuantizedCategorical:
+        """The exact categorical ``QuantizedCategorical(levels, logits)`` this relaxes."""
+        return self._quantized
 
-        :raises ValueError: if a plain value is not a level (outside ``[v_1, v_K]`` under
-            validation; inside it, because only levels have a probability).
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """``sum_k y_k log q_k`` for a value carrying ``y``; for a plain value, with ``y`` its
+        two-level one-hot (see the class docstring): ``log q_k`` at a level ``v_k``, linear
+        in between. Shape ``broadcast(value.shape, batch_shape)``.
+
+        :raises ValueError: under validation, if a plain value is outside ``[v_1, v_K]``
+            (without validation, it is read as the nearer end).
         """
-        if soft_onehot_of(value) is None and self._validate_args:
+        if soft_onehot_of(value) is not None:
+            return self._quantized.log_prob(value)
+        if self._validate_args:
             self._validate_sample(value)
-        return self._quantized.log_prob(value)
+        soft = self._two_level_onehot(value)
+        # Zero weights contribute nothing, also where log q_k = -inf.
+        return torch.where(soft > 0, soft * self.logits, soft.new_zeros(())).sum(-1)
+
+    def _two_level_onehot(self, value: torch.Tensor) -> torch.Tensor:
+        """The one-hot on the two levels around each entry, shape ``value.shape + (K,)``;
+        entries outside ``[v_1, v_K]`` are clamped to it."""
+        levels = self.levels
+        value = value.to(levels.dtype).clamp(levels[0], levels[-1])
+        # lower: k with v_k <= x <= v_{k+1}, in 0..K-2.
+        lower = torch.bucketize(value.detach().contiguous(), levels[1:-1].detach())
+        below, above = levels[lower], levels[lower + 1]
+        upper_weight = ((value - below) / (above - below)).unsqueeze(-1)
+        k = self.num_levels
+        return (1 - upper_weight) * F.one_hot(lower, k) + upper_weight * F.one_hot(lower + 1, k)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Not implemented: ``E[y]`` of a Concrete one-hot has no closed form."""
+        raise NotImplementedError(_NO_CLOSED_FORM.format("mean"))
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Not implemented: ``E[y]`` of a Concrete one-hot has no closed form."""
+        raise NotImplementedError(_NO_CLOSED_FORM.format("variance"))
+
+    def entropy(self) -> torch.Tensor:
+        """Not implemented: the Concrete distribution's entropy has no closed form."""
+        raise NotImplementedError(_NO_CLOSED_FORM.format("entropy"))
 
 
 class RelaxedQuantizedCategoricalStraightThrough(QuantizedCategorical):

@@ -1,9 +1,12 @@
 """Conformance checks every distribution fixture (``conftest.FIXTURES``) must pass (the checks
-Pyro runs on its own distributions): shapes, support, normalisation, moments, expand."""
+Pyro runs on its own distributions): shapes, support, normalisation, moments, expand. The
+generic checks on distributions built from constructor arguments, moment likelihoods
+included, are in ``test_pyro_generic.py``."""
 
 import pyro
 import pytest
 import torch
+from pyro.distributions import TorchDistribution
 from torch.distributions import kl_divergence
 
 from pyro_bqn.distributions import RelaxedLevelValue
@@ -88,6 +91,17 @@ def test_expand_keeps_type_and_behaviour(case):
         assert torch.allclose(e.variance, d.variance.expand(new_shape))
     if case.enumerable:
         assert e.enumerate_support().shape == (d.levels.shape[0],) + new_shape
+
+
+def test_samples_of_pyros_generic_expand_have_a_log_prob(case):
+    d = case.make(validate_args=True)
+    new_shape = (2,) + case.batch_shape
+    # Pyro's ExpandedDistribution reshapes the samples: a relaxed one loses its one-hot.
+    x = TorchDistribution.expand(d, new_shape).sample((3,))
+    assert d.support.check(x).all()
+    log_p = d.log_prob(x)
+    assert log_p.shape == (3,) + new_shape
+    assert torch.isfinite(log_p).all()
 
 
 def test_plate_keeps_type(case):

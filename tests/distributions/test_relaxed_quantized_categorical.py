@@ -65,13 +65,15 @@ def test_relaxed_log_prob_pairs_with_the_prior():
     assert torch.allclose(d.log_prob(torch.tensor(1.0)), d.logits[..., 2])
 
 
-@pytest.mark.parametrize("validate_args, message", [(True, "within the support"),
-                                                     (False, "not levels")])
-def test_relaxed_plain_value_between_levels_has_no_probability(validate_args, message):
-    d = RelaxedQuantizedCategorical(levels.ternary(), 0.5, logits=torch.zeros(3),
-                                    validate_args=validate_args)
-    with pytest.raises(ValueError, match=message):
-        d.log_prob(torch.tensor(0.5))
+def test_relaxed_plain_value_between_levels_interpolates_log_q_of_its_neighbours():
+    d = RelaxedQuantizedCategorical(ASYMMETRIC, 0.5, logits=LOGITS, validate_args=True)
+    log_q = d.logits
+    # 0.25 is halfway between the levels 0.1 and 0.4, 1.0 two thirds of the way to 1.3.
+    x = torch.tensor([0.25, 1.0, -0.7])
+    expected = torch.stack([0.5 * (log_q[1] + log_q[2]), (log_q[2] + 2 * log_q[3]) / 3, log_q[0]])
+    assert torch.allclose(d.log_prob(x), expected)
+    with pytest.raises(ValueError, match="within the support"):
+        d.log_prob(torch.tensor(1.5))
 
 
 @pytest.mark.parametrize("cls", RELAXED)
