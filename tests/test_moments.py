@@ -1,5 +1,6 @@
 import math
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -118,3 +119,38 @@ def test_half_sign_then_a_quantized_layer_matches_monte_carlo():
     weights = q.sample((num_samples,))
     samples = torch.einsum("sni,soi->sno", activations, weights)
     assert_mean_var_match(samples, out.mean, out.var)
+
+
+# --- what the errors and the container report ---------------------------------------------------
+
+
+def _reached(func) -> str:
+    with pytest.raises(MomentRuleError) as error:
+        Moments.__torch_function__(func, (Moments,))
+    return str(error.value).split(". ")[0]
+
+
+def test_the_error_names_the_operation_by_module_and_qualified_name():
+    assert _reached(F.softmax) == "Moments reached torch.nn.functional.softmax"
+    assert _reached(Moments.reshape) == "Moments reached pyro_bqn.moments.Moments.reshape"
+    # Objects that lack one of the names: __name__ stands in for __qualname__, a missing
+    # module leaves the bare name, and an object with neither is shown by its repr.
+    assert _reached(SimpleNamespace(__name__="op", __module__="ops")) == "Moments reached ops.op"
+    assert _reached(SimpleNamespace(__qualname__="Xform", __module__=None)) == (
+        "Moments reached Xform"
+    )
+    anonymous = SimpleNamespace(kind="anonymous")
+    assert _reached(anonymous) == f"Moments reached {anonymous!r}"
+
+
+def test_size_repr_and_attribute_errors():
+    pair = Moments(torch.zeros(2, 3), torch.ones(2, 3))
+    assert pair.size() == (2, 3) and pair.size(1) == 3 and pair.size(-2) == 2
+    assert repr(pair) == "Moments(shape=(2, 3))"
+    with pytest.raises(MomentRuleError, match=r"no tensor method \.exp\(\)"):
+        pair.exp()
+    with pytest.raises(AttributeError, match="no attribute 'not_a_tensor_method'"):
+        _ = pair.not_a_tensor_method
+    assert hasattr(torch.Tensor, "_version")  # private tensor names are plain misses
+    with pytest.raises(AttributeError, match="no attribute '_version'"):
+        _ = pair._version
