@@ -1,18 +1,27 @@
-"""Median SVI step time of a ternary BQN against a float MLP of the same shape.
+"""Median SVI step time of Bayesian quantized networks against float networks of the same
+shape, measured in the same run.
 
-A 784-512-512-10 network (batch norm + sign activations, ternary weights) trained with
-``DeterministicELBO`` against a float PyTorch MLP (Linear/BatchNorm/ReLU, Adam), both on
-batches of 100, measured in the same run. Prints the medians and their ratio (target <= 4:
-three matrix products per layer make about 3 the floor).
+* MLP: a 784-512-512-10 network (batch norm + sign activations, ternary weights) trained
+  with ``SVI(model, guide, optim, DeterministicELBO())``, with the optimiser a user would
+  pass (``pyro.optim.Adam``) and with :func:`pyro_bqn.infer.fit`'s (fused Adam, clipped,
+  with an exponential learning-rate decay), against a float PyTorch MLP
+  (Linear/BatchNorm/ReLU, fused Adam).
+* By hand: the same objective computed from the library's moment rules with none of Pyro's
+  machinery, with and without Pyro's gradient zeroing: the floor of the mathematics.
+* CNN: two ``QuantizedConv2d`` blocks (5x5 convolution, batch norm, sign, 2x2 max pooling)
+  and one hidden linear layer on 28x28 inputs, against the float CNN of the same shape.
 
-    python benchmarks/step_time.py [--steps 50] [--threads 2] [--batch 100] [--levels binary]
+Prints the medians and their ratios (target <= 4: three matrix products per layer make
+about 3 the floor)::
 
-``--levels binary`` runs the same network with two logits per weight instead of three: a
+    python benchmarks/step_time.py [--steps 40] [--threads 2] [--batch 100]
+        [--levels binary] [--device cuda]
+
+``--levels binary`` runs the same networks with two logits per weight instead of three: a
 lower bound on what storing ``K - 1`` logits per ternary weight could give.
 
-Both optimisers are torch's fused Adam, so the comparison is of the networks, not of
-optimiser implementations. The networks are timed in alternating blocks of back-to-back
-steps (see :func:`interleaved_medians`).
+The networks are timed in alternating blocks of back-to-back steps (see
+:func:`interleaved_medians`).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import argparse
 import math
 import statistics
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import pyro
@@ -29,19 +39,23 @@ import torch.nn.functional as F
 from pyro.infer import SVI
 from pyro.infer.util import zero_grads
 
+from pyro_bqn.architectures import TORCH_LAYERS, Architecture
 from pyro_bqn.baselines import float_mlp
 from pyro_bqn.distributions import MomentCategorical
 from pyro_bqn.distributions.level_statistics import level_statistics
 from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO
 from pyro_bqn.levels import LevelSet, binary, ternary
-from pyro_bqn.models import QuantizedMLP
+from pyro_bqn.models import QuantizedClassifier, QuantizedMLP
 from pyro_bqn.moments import Moments
 from pyro_bqn.nn.batch_norm import batch_norm_moments
 from pyro_bqn.nn.quantized_activation import quantized_activation_moments
 from pyro_bqn.nn.quantized_layer import propagate
 
 SIZES = (784, 512, 512, 10)
+#: The small CNN: conv channels 16 and 32, a dense hidden layer of 128 (LeNet-5 layout).
+CNN = Architecture("cnn", (1, 28, 28), 10, (16, 32, 128))
 LEVELS = {"ternary": ternary, "binary": binary}
+NUM_DATA = 60_000
 
 
 def interleaved_medians(
@@ -66,12 +80,27 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bqn_step(x: torch.Tensor, y: torch.Tensor, levels: LevelSet) -> Callable[[], float]:
+def user_adam() -> pyro.optim.PyroOptim:
+    """The optimiser a user would pass to ``SVI``."""
+    return pyro.optim.Adam({"lr": 1e-2})
+
+
+def fit_adam() -> pyro.optim.PyroOptim:
+    """:func:`pyro_bqn.infer.fit`'s optimiser: fused Adam, gradients clipped to [-10, 10],
+    exponential learning-rate decay."""
+    optim_args = {"optimizer": torch.optim.Adam, "optim_args": {"lr": 1e-2, "fused": True}}
+    return pyro.optim.ExponentialLR({**optim_args, "gamma": 0.9999}, {"clip_value": 10.0})
+
+
+def svi_step(
+    model: QuantizedClassifier, x: torch.Tensor, y: torch.Tensor, optim: pyro.optim.PyroOptim
+) -> Callable[[], float]:
+    """One ``SVI(model, guide, optim, DeterministicELBO())`` step per call. Pyro's param
+    store is global, so one such network is timed at a time (see :func:`main`)."""
     pyro.clear_param_store()
-    model = QuantizedMLP(SIZES, levels=levels)
     guide = AutoQuantizedGuide(model)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2, "fused": True}), DeterministicELBO())
-    return lambda: svi.step(x, y, num_data=60_000)
+    svi = SVI(model, guide, optim, DeterministicELBO())
+    return lambda: svi.step(x, y, num_data=NUM_DATA)
 
 
 def adam_step(
@@ -96,9 +125,12 @@ def adam_step(
     return step
 
 
-def float_step(x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
-    model = float_mlp(SIZES)
+def float_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
     return adam_step(list(model.parameters()), lambda: F.cross_entropy(model(x), y))
+
+
+def float_cnn() -> torch.nn.Module:
+    return torch.nn.Sequential(OrderedDict(CNN.layers(TORCH_LAYERS)))
 
 
 def bqn_by_hand_step(
@@ -144,33 +176,49 @@ def bqn_by_hand_step(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50, help="timed steps per network")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per network")
     parser.add_argument("--batch", type=int, default=100, help="the target is for 100")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--levels", choices=sorted(LEVELS), default="ternary")
+    parser.add_argument("--device", default="cpu", help="e.g. cuda")
     args = parser.parse_args()
-    levels = LEVELS[args.levels]()
     torch.set_num_threads(args.threads)
+    torch.set_default_device(args.device)
+    levels = LEVELS[args.levels]()
     pyro.set_rng_seed(0)
     x, y = torch.randn(args.batch, SIZES[0]), torch.randint(0, SIZES[-1], (args.batch,))
-    steps = {
-        "bqn": bqn_step(x, y, levels),
-        "by hand": bqn_by_hand_step(x, y, levels),
-        "by hand, zeroed": bqn_by_hand_step(x, y, levels, pyro_zeroing=True),
-        "float": float_step(x, y),
-    }
-    medians = interleaved_medians(steps, rounds=-(-args.steps // 4), block=5)
-    bqn, by_hand, base = medians["bqn"], medians["by hand"], medians["float"]
-    zeroed = medians["by hand, zeroed"]
-    network = "-".join(map(str, SIZES))
-    print(f"network {network}, {args.levels}, batch {args.batch}, threads {args.threads}")
-    print(f"float MLP (Adam)          median step {base * 1e3:8.2f} ms")
-    print(f"{args.levels + ' BQN (Det. ELBO)':25s} median step {bqn * 1e3:8.2f} ms")
-    print(f"same maths without Pyro   median step {by_hand * 1e3:8.2f} ms")
-    print(f"  + Pyro's gradient zeroing median step {zeroed * 1e3:6.2f} ms")
-    print(f"ratio BQN / float         {bqn / base:8.2f}  (target <= 4.0)")
-    print(f"ratio by hand / float     {by_hand / base:8.2f}  (the floor of the mathematics)")
-    print(f"ratio by hand, zeroed     {zeroed / base:8.2f}")
+    mlp = lambda: QuantizedMLP(SIZES, levels=levels)  # noqa: E731
+    # Groups timed one after the other, each against its float network timed beside it.
+    groups = [
+        {
+            "BQN MLP, pyro.optim.Adam": lambda: svi_step(mlp(), x, y, user_adam()),
+            "by hand": lambda: bqn_by_hand_step(x, y, levels),
+            "by hand, Pyro's zeroing": lambda: bqn_by_hand_step(x, y, levels, pyro_zeroing=True),
+            "float MLP": lambda: float_step(float_mlp(SIZES), x, y),
+        },
+        {
+            "BQN MLP, fit's optimiser": lambda: svi_step(mlp(), x, y, fit_adam()),
+            "float MLP": lambda: float_step(float_mlp(SIZES), x, y),
+        },
+        {
+            "BQN CNN, pyro.optim.Adam": lambda: svi_step(
+                QuantizedClassifier(CNN, levels=levels), x, y, user_adam()
+            ),
+            "float CNN": lambda: float_step(float_cnn(), x, y),
+        },
+    ]
+    print(
+        f"{args.levels} weights, batch {args.batch}, threads {args.threads}, {args.device}; "
+        f"MLP {'-'.join(map(str, SIZES))}, CNN {CNN.hidden}"
+    )
+    for group in groups:
+        steps = {name: make() for name, make in group.items()}
+        medians = interleaved_medians(steps, rounds=-(-args.steps // 4), block=5)
+        base_name = next(name for name in medians if name.startswith("float"))
+        for name, median in medians.items():
+            ratio = median / medians[base_name]
+            print(f"{name:26s} median step {median * 1e3:8.2f} ms   ratio {ratio:5.2f}")
+    print("(ratio: against the float network of the same shape in the same group; target <= 4)")
 
 
 if __name__ == "__main__":
