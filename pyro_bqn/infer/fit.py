@@ -15,12 +15,22 @@ from tqdm.auto import tqdm
 
 from pyro_bqn.atomic_files import PathLike
 from pyro_bqn.checkpoint import load_checkpoint, save_checkpoint
+from pyro_bqn.data.loading import EpochBatches, batch_loader
+from pyro_bqn.devices import module_device, move_to, resolve_device
 from pyro_bqn.infer.auto_quantized_guide import AutoQuantizedGuide
 from pyro_bqn.infer.deterministic_elbo import DeterministicELBO
+from pyro_bqn.infer.distributed import (
+    DataParallelLoss,
+    average_running_statistics,
+    num_shard_minibatches,
+    shard_minibatches,
+    sum_over_processes,
+    world,
+)
 from pyro_bqn.infer.sparsity import most_probable_sparsity
-from pyro_bqn.minibatches import minibatches, num_minibatches
 
 __all__ = ["fit"]
+
 
 def _current_lr(optim: pyro.optim.PyroLRScheduler, initial: float) -> float:
     """The learning rate the schedulers hold now (``initial`` before any parameter exists)."""
@@ -88,6 +98,8 @@ def fit(
     callback: Callable[[int, dict[str, float]], None] | None = None,
     checkpoint: PathLike | None = None,
     resume: bool = False,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
 ) -> list[dict[str, float]]:
     """Train ``model``/``guide`` with :class:`pyro.infer.SVI` on minibatches of ``(x, y)``.
 
@@ -111,6 +123,19 @@ def fit(
     after the last saved epoch, and ends with the same parameters and history (but the
     ``seconds``) as a run that was never interrupted. Build ``model`` and ``guide`` afresh
     after :func:`pyro.clear_param_store` before resuming.
+
+    **Devices.** With ``device``, the model and the guide move there (``model.to(device)``)
+    and each minibatch is copied there as it is used, so the data set may stay on the CPU.
+    Minibatches come from a :class:`~torch.utils.data.DataLoader`
+    (:func:`pyro_bqn.data.loading.batch_loader`), with ``num_workers`` worker processes.
+
+    **Several processes.** Inside an initialised :mod:`torch.distributed` process group
+    (``torchrun``, or ``pyro-bqn fit --nproc``), ``fit`` trains data-parallel
+    (:mod:`pyro_bqn.infer.distributed`): ``batch_size`` is each process's share of a global
+    minibatch of ``world_size * batch_size`` examples, the gradients are averaged by
+    ``DistributedDataParallel``, so ``W`` processes follow the path of one process with
+    batches of ``W * batch_size`` (exactly without batch norm), and only process 0 writes the
+    checkpoint. Every process returns the same history.
 
     Usage::
 
@@ -142,8 +167,12 @@ def fit(
         ``expected_log_likelihood`` and ``kl`` per data point; with an
         :class:`AutoQuantizedGuide` over levels that hold 0, ``sparsity``, the share of zero
         weights in the most probable network (:mod:`pyro_bqn.infer.sparsity`).
+    :param device: ``"cpu"``, ``"cuda"``, ``"cuda:<i>"``, ``"mps"`` or ``"auto"``
+        (:func:`pyro_bqn.devices.resolve_device`); default: where the model is.
+    :param num_workers: DataLoader worker processes preparing minibatches (0: none).
     :raises ValueError: before any training, naming the argument, for bad data or
-        settings, or a checkpoint that does not belong to this run.
+        settings, a device that is not available, or a checkpoint that does not belong to
+        this run.
     :raises FloatingPointError: if the loss stops being finite (the last checkpoint, if
         any, holds the epoch before).
     """
@@ -151,15 +180,23 @@ def fit(
     _check_settings(epochs, batch_size, lr, final_lr_fraction)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint file to resume from")
+    if device is not None:
+        target = resolve_device(device)
+        move_to(target, model, guide)
+    else:
+        target = module_device(model) or x.device
+    rank, world_size = world()
     elbo = elbo if elbo is not None else DeterministicELBO(kl_weight=kl_weight)
     num_data = x.shape[0]
-    steps_per_epoch = num_minibatches(num_data, batch_size)
+    steps_per_epoch = num_shard_minibatches(num_data, batch_size, world_size)
+    epoch_batches = EpochBatches()
+    pin = target.type == "cuda" and x.device.type == "cpu"
+    loader = batch_loader(x, y, epoch_batches, num_workers, pin_memory=pin)
     decay = final_lr_fraction ** (1.0 / max(1, epochs * steps_per_epoch))
     optim = pyro.optim.ExponentialLR(
         {"optimizer": torch.optim.Adam, "optim_args": {"lr": lr, "fused": True}, "gamma": decay},
         clip_args={"clip_value": 10.0},
     )
-    svi = SVI(model, guide, optim, elbo)
     generator = torch.Generator().manual_seed(seed)
     settings = {
         "epochs": epochs,
@@ -173,10 +210,16 @@ def fit(
     history: list[dict[str, float]] = []
     if resume:
         history = _resume(checkpoint, model, guide, optim, generator, settings, callback, x, y)
+    if world_size == 1:
+        svi = SVI(model, guide, optim, elbo)
+    else:
+        example = [t[:2].to(target) for t in (x, y)]
+        parallel = DataParallelLoss(elbo, model, guide, target, *example, num_data=num_data)
+        svi = SVI(model, guide, optim, parallel.loss, loss_and_grads=parallel.loss_and_grads)
     bar = tqdm(
         range(len(history), epochs),
         desc="fit",
-        disable=not progress,
+        disable=not progress or rank != 0,
         unit="epoch",
         initial=len(history),
         total=epochs,
@@ -184,9 +227,13 @@ def fit(
     for epoch in bar:
         start = time.perf_counter()
         totals: dict[str, float] = {}
-        order = torch.randperm(num_data, generator=generator).to(x.device)
-        for step, idx in enumerate(minibatches(order, batch_size), 1):
-            loss = svi.step(x[idx], y[idx], num_data=num_data)
+        order = torch.randperm(num_data, generator=generator)
+        batches = shard_minibatches(order, batch_size, rank, world_size)
+        epoch_batches.set([idx for idx, _ in batches])
+        for step, ((xb, yb), (_, weight)) in enumerate(zip(loader, batches, strict=True), 1):
+            xb, yb = (t.to(target, non_blocking=pin) for t in (xb, yb))
+            weighted = {} if world_size == 1 else {"weight": weight}
+            loss = svi.step(xb, yb, num_data=num_data, **weighted)
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"the loss became {loss} at epoch {epoch + 1}, step {step}: lower lr "
@@ -196,8 +243,15 @@ def fit(
             totals["loss"] = totals.get("loss", 0.0) + loss
             for key in ("expected_log_likelihood", "kl"):
                 if key in getattr(elbo, "last_terms", {}):
-                    totals[key] = totals.get(key, 0.0) + elbo.last_terms[key]
-        metrics = {key: value / (steps_per_epoch * num_data) for key, value in totals.items()}
+                    totals[key] = totals.get(key, 0.0) + weight * elbo.last_terms[key]
+        # Each process's weighted losses, summed over processes and divided by W: the loss
+        # of the global minibatches (module docstring of pyro_bqn.infer.distributed).
+        summed = sum_over_processes(list(totals.values()), target)
+        metrics = {
+            key: value / (world_size * steps_per_epoch * num_data)
+            for key, value in zip(totals, summed, strict=True)
+        }
+        average_running_statistics(model)
         metrics["epoch"] = epoch + 1
         metrics["seconds"] = time.perf_counter() - start
         metrics["lr"] = _current_lr(optim, lr)
@@ -208,7 +262,7 @@ def fit(
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if callback is not None:
             callback(epoch + 1, metrics)
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             state = {"settings": settings, "history": history, "generator": generator.get_state()}
             if hasattr(callback, "state_dict"):
                 state["callback"] = callback.state_dict()
