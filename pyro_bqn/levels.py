@@ -184,7 +184,11 @@ class LevelSet(PyroModule):
             >>> per_layer[0].first is per_layer[1].first
             False
         """
-        return LevelSet(self.values.detach().clone()).to(self._values)
+        new = LevelSet(self.values.detach()).to(self._values)
+        with torch.no_grad():
+            # Exactly, in this set's dtype: the constructor reads values in the default one.
+            new._values.copy_(self._values)
+        return new
 
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
         """Round every entry of ``x`` to its nearest level (ties go up); same shape as ``x``."""

@@ -146,6 +146,17 @@ def test_copy_of_a_fixed_level_set_is_an_equal_independent_set():
     assert copy._values.data_ptr() != original._values.data_ptr()
 
 
+def test_copy_keeps_values_finer_than_the_default_dtype_exactly():
+    # Copies are what a deep copy of a distribution (and Pyro's deep_to) holds.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        original = levels.from_values([-0.7, 0.1, 1.3])
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(original.copy().values, original.values)
+
+
 def test_copy_of_a_learnable_set_has_its_own_parameters_at_the_current_levels():
     original = levels.learnable([-1.0, -0.2, 0.4, 1.2], min_gap=1e-2)
     with torch.no_grad():

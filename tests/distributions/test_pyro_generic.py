@@ -280,6 +280,18 @@ def test_deep_copy_holds_its_own_level_set():
     assert e.level_set.first is not level_set.first
 
 
+def test_deep_copy_keeps_float64_levels_exactly():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        level_set = levels.from_values(ASYMMETRIC)  # not representable in float32
+        d = MultipleSpikeAndSlab.with_uniform_spikes(level_set, 0.2, 1.0)
+    finally:
+        torch.set_default_dtype(previous)
+    e = copy.deepcopy(d)
+    assert torch.equal(e.levels, d.levels) and torch.equal(e.level_set.values, d.levels)
+
+
 @pytest.mark.parametrize("point_mass", [True, False])
 def test_levels_are_recognised_across_dtypes(point_mass):
     # The scenario of the issue: float64 levels, level values that went through float32.
