@@ -66,6 +66,8 @@ __all__ = [
 #: Integer sums in a float32 convolution are exact below this magnitude.
 _FLOAT32_EXACT = 2**24
 _CODE_ZERO = 128  # int8 input codes are the 8-bit codes minus 128
+# A threshold beyond every sum (|s| <= fan_in * 127 * 128 < 2**30), with room for 1 - T.
+_NEVER = 2**30
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,8 @@ class SignThreshold(nn.Module):
         self.register_buffer("threshold", threshold.reshape(-1, *([1] * spatial)))
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        one = torch.ones((), dtype=torch.int8)
-        return torch.where(s >= self.threshold, one, -one)
+        # A cast of the comparison costs an eighth of torch.where's broadcast of two scalars.
+        return (s >= self.threshold).to(torch.int8) * 2 - 1
 
 
 class OutputScale(nn.Module):
@@ -241,6 +243,8 @@ def _affine(layer, name: str, network: QuantizedNetwork, source: _Input) -> _Aff
             shift = weight.to(torch.float64).reshape(channels, -1).sum(1) * source.beta
         return _Affine(FloatAffine(weight, padding), scale, shift, False, spatial)
     q = found.integers(site.indices())
+    if _sum_bound(q, source) >= _NEVER:
+        raise ValueError(f"layer '{name}' is too wide: its integer sums could reach 2**30")
     sums = q.to(torch.float64).reshape(channels, -1).sum(1)
     scale = torch.full((channels,), found.scale * source.alpha, dtype=torch.float64)
     shift = sums * (found.scale * source.beta)
@@ -273,7 +277,7 @@ def _integer_threshold(
     float64 tensor of candidate sums to the model's float outputs) settles rounding.
     A zero slope gives a threshold no sum reaches (output ``-1``) or every sum reaches
     (``+1``), by the sign of ``intercept``."""
-    limit = torch.iinfo(torch.int32).max
+    limit = _NEVER
     flat = slope == 0
     estimate = torch.ceil(-intercept / torch.where(flat, torch.ones_like(slope), slope))
     estimate = estimate.clamp(-limit + 1, limit - 1)

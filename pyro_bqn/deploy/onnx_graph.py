@@ -1,6 +1,7 @@
 """The integer network (:func:`~pyro_bqn.deploy.integer_network`) as an ONNX graph, for ONNX
-Runtime: ``MatMulInteger`` and ``ConvInteger`` (``uint8`` activations, ``int8`` weights,
-``int32`` sums), one ``GreaterOrEqual`` per sign layer, float output scale.
+Runtime: ``MatMulInteger`` (``uint8`` activations, ``int8`` weights, ``int32`` sums) and one
+``GreaterOrEqual`` per sign layer; a convolution with its sign as one ``QLinearConv`` (bias
+``1 - T``, every scale 1); ``ConvInteger`` before a float activation; float output scale.
 
 **Activations** travel as ``uint8`` with a zero point, the input of the integer kernels:
 signs ``±1`` as ``{0, 2}`` with zero point 1 (so a convolution's zero padding is the real
@@ -172,6 +173,32 @@ def _add(graph: _Graph, module: nn.Module) -> None:
         raise ValueError(f"{type(module).__name__} has no ONNX form")
 
 
+def _conv_sign(graph: _Graph, conv: IntegerConv2d, sign: SignThreshold) -> None:
+    """A convolution and its sign as one ``QLinearConv`` (ONNX Runtime's fast integer
+    convolution; ``ConvInteger`` is slower than a float one): with every scale 1 and bias
+    ``1 - T`` its ``uint8`` output ``clamp(s - T + 1, 0, 255)`` is positive iff ``s >= T``,
+    and ``2 min(out, 1)`` gives the signs as ``{0, 2}``. The sums are exact (``|s| < 2**24``,
+    the float requantisation multiplies by 1)."""
+    zero = _integer_input(graph, conv)
+    one = graph.constant(np.float32(1.0))
+    bias = (1 - sign.threshold.reshape(-1).to(torch.int64)).to(torch.int32)
+    inputs = [
+        graph.value,
+        one,
+        zero,
+        graph.packed_integers(conv.weight),
+        one,
+        graph.constant(np.int8(0)),
+        one,
+        graph.constant(np.uint8(0)),
+        graph.constant(bias.numpy()),
+    ]
+    graph.value = graph.node("QLinearConv", inputs, pads=list(conv.padding) * 2)
+    graph.apply("Min", graph.constant(np.uint8(1)))
+    graph.apply("Mul", graph.constant(np.uint8(2)))
+    graph.zero_point = _SIGN_ZERO
+
+
 def onnx_model(network: nn.Sequential, num_features: int) -> Any:
     """The ONNX model (``onnx.ModelProto``) of an integer network: input ``"input"``
     ``float32`` ``(N, num_features)``, output ``"logits"`` ``float32`` ``(N, C)``.
@@ -181,8 +208,16 @@ def onnx_model(network: nn.Sequential, num_features: int) -> Any:
     """
     onnx = _import_onnx()
     graph = _Graph(onnx)
-    for module in network:
-        _add(graph, module)
+    modules = list(network)
+    index = 0
+    while index < len(modules):
+        after = modules[index + 1] if index + 1 < len(modules) else None
+        if isinstance(modules[index], IntegerConv2d) and isinstance(after, SignThreshold):
+            _conv_sign(graph, modules[index], after)
+            index += 2
+        else:
+            _add(graph, modules[index])
+            index += 1
     graph.nodes.append(onnx.helper.make_node("Identity", [graph.value], ["logits"]))
     float_type = onnx.TensorProto.FLOAT
     body = onnx.helper.make_graph(
