@@ -39,7 +39,7 @@ import torch
 from torch.distributions import register_kl
 
 from pyro_bqn.distributions.multiple_spike_and_slab import MultipleSpikeAndSlab
-from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical
+from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical, match_levels
 
 __all__ = ["InertPriorWarning"]
 
@@ -55,7 +55,12 @@ _WARNED: set[str] = set()
 def _check_same_levels(
     q: QuantizedCategorical, p: QuantizedCategorical | MultipleSpikeAndSlab
 ) -> None:
-    if q.levels.shape != p.levels.shape or not torch.equal(q.levels.detach(), p.levels.detach()):
+    # Level by level, to the rounding of the coarser dtype: not bitwise across dtypes.
+    same = q.levels.shape == p.levels.shape
+    if same:
+        index, is_level = match_levels(q.levels, p.levels)
+        same = bool(is_level.all()) and torch.equal(index, torch.arange(len(index)).to(index))
+    if not same:
         raise ValueError(
             f"KL({type(q).__name__} || {type(p).__name__}) needs both distributions on the "
             f"same levels, got {q.levels.tolist()} and {p.levels.tolist()}"

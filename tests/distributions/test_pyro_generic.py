@@ -307,6 +307,21 @@ def test_levels_are_recognised_across_dtypes(point_mass):
     assert torch.allclose(mss32.log_prob(values64).double(), mss.log_prob(values64))
 
 
+@pytest.mark.parametrize("prior_kind", ["categorical", "spike-and-slab"])
+def test_kl_accepts_the_same_levels_in_another_dtype(prior_kind):
+    values64 = torch.tensor(ASYMMETRIC, dtype=torch.float64)
+    q = QuantizedCategorical(values64, logits=_randn(3, 4, seed=34).double())
+    p = (QuantizedCategorical(values64, logits=torch.zeros(4, dtype=torch.float64))
+         if prior_kind == "categorical" else MultipleSpikeAndSlab.with_uniform_spikes(
+             values64, 0.2, 1.0))
+    kl = torch.distributions.kl_divergence(q, p)
+    kl32 = torch.distributions.kl_divergence(deep_to(q, torch.float32), p)
+    assert torch.allclose(kl32.double(), kl, atol=1e-5)
+    with pytest.raises(ValueError, match="same levels"):
+        torch.distributions.kl_divergence(QuantizedCategorical(values64 + 1e-4, logits=q.logits),
+                                          p)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_level_is_matched_to_k_roundings_of_the_coarser_dtype(dtype):
     qc = QuantizedCategorical(torch.tensor(ASYMMETRIC, dtype=torch.float64), logits=torch.zeros(4))
