@@ -32,6 +32,7 @@ from pyro import poutine
 from pyro.optim import PyroOptim
 
 from pyro_bqn.atomic_files import PathLike
+from pyro_bqn.devices import module_device
 from pyro_bqn.live_tensors import buffers_of, copy_into, live_params, preserved
 from pyro_bqn.payload_files import check_storable, load_payload, save_payload
 from pyro_bqn.state_checks import check_fixed_levels, check_matching
@@ -104,6 +105,7 @@ def load_checkpoint(
     guide: Callable[..., Any],
     *args: Any,
     optimizer: PyroOptim | None = None,
+    map_location: str | torch.device | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint` into ``model`` and ``guide``
@@ -131,6 +133,10 @@ def load_checkpoint(
     :param optimizer: a new :class:`~pyro.optim.PyroOptim` of the saved kind (with the same
         arguments), which takes the saved state at its first step. It must not have taken a
         step: PyroOptim applies a loaded state only to parameters it has not seen yet.
+    :param map_location: the device the file's tensors are read onto; default: the model's
+        (:func:`pyro_bqn.devices.module_device`, else the CPU). A checkpoint saved on any
+        device loads into a model on any other: the values are copied into the model's own
+        tensors, where they are.
     :raises FileNotFoundError: if ``path`` does not exist.
     :raises ValueError: naming ``path`` if the file cannot be read, is not a checkpoint, is
         corrupt (its checksum does not match: damaged or truncated) or of another version;
@@ -138,8 +144,14 @@ def load_checkpoint(
         (also fixed levels that differ, naming both level sets); or if ``optimizer`` has
         already stepped or the checkpoint holds no optimiser state.
     """
+    if map_location is None:
+        map_location = module_device(model) or "cpu"
     payload = load_payload(
-        path, FILE_FORMAT, FILE_VERSION, tensor_groups=("params", "model_buffers", "guide_buffers")
+        path,
+        FILE_FORMAT,
+        FILE_VERSION,
+        tensor_groups=("params", "model_buffers", "guide_buffers"),
+        map_location=map_location,
     )
     source = f"checkpoint {os.fspath(path)!r}"
     extra = payload.get("extra")

@@ -59,6 +59,7 @@ from pyro.nn import PyroModule
 
 from pyro_bqn.atomic_files import PathLike
 from pyro_bqn.checked_condition import CheckedConditionMessenger
+from pyro_bqn.devices import module_device
 from pyro_bqn.levels import check_levels
 from pyro_bqn.live_tensors import buffers_of, copy_into, live_params, preserved
 from pyro_bqn.nn.recalibrate import reestimate_batch_norm
@@ -106,7 +107,7 @@ def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
-    flat = indices.reshape(-1).to(torch.int64)
+    flat = indices.reshape(-1).to("cpu", torch.int64)  # packed bytes live on the host
     if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
         raise ValueError(
             f"indices must lie in [0, {2**bits}) to fit {bits} bits, got range "
@@ -384,7 +385,9 @@ class QuantizedNetwork:
 
         :raises ValueError: as :meth:`distribution`, where network and model differ.
         """
-        conditioned = CheckedConditionMessenger(self.weights())(model)
+        device = module_device(model)  # the stored weights go where the model runs
+        weights = {k: w if device is None else w.to(device) for k, w in self.weights().items()}
+        conditioned = CheckedConditionMessenger(weights)(model)
         with torch.no_grad(), training_mode(model, False):
             params = live_params(conditioned, *args, **kwargs)
             own = _own_parameters(model, params)

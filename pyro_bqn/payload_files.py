@@ -200,7 +200,11 @@ def save_payload(path: PathLike, payload: Mapping[str, Any]) -> None:
 
 
 def load_payload(
-    path: PathLike, file_format: str, version: int, tensor_groups: tuple[str, ...] = ()
+    path: PathLike,
+    file_format: str,
+    version: int,
+    tensor_groups: tuple[str, ...] = (),
+    map_location: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Read a file written by :func:`save_payload` of ``{"format": file_format, "version":
     version, ...}``, check it, and return its content without the checksum.
@@ -211,6 +215,8 @@ def load_payload(
     dictionary of named tensors.
 
     :param tensor_groups: keys whose entries must be ``{name: tensor}`` dictionaries.
+    :param map_location: the device the tensors are loaded onto (``torch.load``'s), whatever
+        device they were saved from; the checksum does not depend on it.
     :raises FileNotFoundError: if ``path`` does not exist.
     :raises ValueError: naming ``path`` for every other reason it cannot be read: not a file
         (e.g. a folder) or unreadable, not a ``file_format`` file, corrupt (damaged bytes,
@@ -225,7 +231,7 @@ def load_payload(
         raise ValueError(f"{name} cannot be read as a {file_format} file: {error}") from error
     with handle:
         try:
-            payload = torch.load(handle, map_location="cpu", weights_only=True)
+            payload = torch.load(handle, map_location=map_location, weights_only=True)
         except Exception as error:  # torch.load's many ways of rejecting damaged bytes
             raise ValueError(
                 f"{name} is not a {file_format} file, or is corrupt: it cannot be read as a "

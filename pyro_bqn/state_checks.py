@@ -74,7 +74,7 @@ def check_fixed_levels(
     :raises ValueError: naming the buffer and both level sets.
     """
     for name, values in fixed_levels(module).items():
-        if not torch.equal(saved[name], values):
+        if not torch.equal(saved[name].to(values.device), values):
             raise ValueError(
                 f"{kind} '{name}' holds the fixed levels {values.tolist()} of the model's "
                 f"declaration, but {source} holds {saved[name].tolist()}: fixed levels are "

@@ -19,6 +19,7 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
+from pyro_bqn.devices import move_to, resolve_device
 from pyro_bqn.infer.auto_quantized_guide import AutoQuantizedGuide
 from pyro_bqn.nn.training_mode import training_mode
 
@@ -200,7 +201,8 @@ def _draw_networks(
             chunk: dict[str, list[torch.Tensor]] = {name: [] for name in stored}
             log_liks, samples = [], []
             for draw_seed in _draw_seeds(seed, start, stop):
-                torch.default_generator.manual_seed(draw_seed)
+                # All devices' generators: the draws happen where the guide's logits are.
+                torch.manual_seed(draw_seed)
                 network, obs_node = _run_network(model, guide, list(prototype), obs_site, x, y)
                 for name in stored:
                     chunk[name].append(network[name])
@@ -232,6 +234,7 @@ def to_inference_data(
     seed: int | None = None,
     obs_site: str = "obs",
     progress: bool | None = None,
+    device: str | torch.device | None = None,
 ) -> az.InferenceData:
     """Draw discrete networks from ``guide`` and collect them as ArviZ ``InferenceData``.
 
@@ -303,6 +306,10 @@ def to_inference_data(
         state is otherwise left as it was.
     :param obs_site: name of the observed site.
     :param progress: show a tqdm progress bar; ``None`` shows it only on a terminal.
+    :param device: where to draw and run the networks
+        (:func:`pyro_bqn.devices.resolve_device`): the model, the guide, ``x`` and ``y`` move
+        there (``model.to(device)``); default: where they are. The arrays returned are on
+        the host, as ArviZ holds NumPy arrays.
     :returns: an :class:`arviz.InferenceData`.
     :raises ValueError: on an unknown site or ``obs_site``, bad sizes, or a ``sites``
         request larger than ``max_bytes``.
@@ -322,14 +329,18 @@ def to_inference_data(
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
     if y is None:
         raise ValueError("y is required: the log-likelihood needs the observed values")
+    if device is not None:
+        x, y = move_to(resolve_device(device), model, guide, x, y)[2:]
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
+    # The generators the draws use are restored afterwards: the CPU's and, on a GPU, its own.
+    forked = [x.device] if x.device.type == "cuda" else []
 
     num_draws = num_chains * num_samples
     with (
         torch.no_grad(),
         training_mode(model, False),
-        torch.random.fork_rng(devices=[]),
+        torch.random.fork_rng(devices=forked),
         poutine.block(),
     ):
         if guide.prototype_trace is None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import warnings
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution
 
+from pyro_bqn.devices import move_to, resolve_device
 from pyro_bqn.distributions.wrappers import is_moment_likelihood
 from pyro_bqn.infer.checked_replay import CheckedReplayMessenger
 from pyro_bqn.infer.moment_messenger import MomentMessenger
@@ -47,16 +49,33 @@ def _observed_site_name(trace: poutine.Trace, site: str | None) -> str:
     return candidates[0]
 
 
+def _on_device(
+    device: str | torch.device | None, model, guide, args: tuple, kwargs: dict[str, Any]
+) -> tuple[tuple, dict[str, Any]]:
+    """Move ``model`` and ``guide`` to ``device`` (in place) and return ``args`` and
+    ``kwargs`` with their tensors there; nothing moves for ``device=None``."""
+    if device is None:
+        return args, kwargs
+    target = resolve_device(device)
+    move_to(target, model, guide)
+    values = move_to(target, *kwargs.values())
+    return tuple(move_to(target, *args)), dict(zip(kwargs, values, strict=True))
+
+
 @torch.no_grad()
 def predictive_distribution(
-    model, guide, *args, site: str | None = None, **kwargs
+    model, guide, *args, site: str | None = None, device: str | torch.device | None = None, **kwargs
 ) -> TorchDistribution:
     """The observed site's distribution when the guide's moments (not samples) are
     propagated through ``model`` in evaluation mode.
 
     :param site: name of the observed site; default: the only site with a moment-aware
         likelihood (:class:`~pyro_bqn.distributions.MomentCategorical`, ...).
+    :param device: where to compute (:func:`pyro_bqn.devices.resolve_device`): the model
+        and guide move there (``model.to(device)``) and so do the tensor inputs; default:
+        where they are.
     """
+    args, kwargs = _on_device(device, model, guide, args, kwargs)
     # A relaxed (non-straight-through) posterior has no analytic moments: use the exact one.
     with training_mode(model, False), poutine.block(), _exact_guide(guide):
         guide_trace = poutine.trace(MomentMessenger()(guide)).get_trace(*args, **kwargs)
@@ -66,7 +85,9 @@ def predictive_distribution(
     return model_trace.nodes[_observed_site_name(model_trace, site)]["fn"]
 
 
-def predict(model, guide, *args, site: str | None = None, **kwargs) -> torch.Tensor | Moments:
+def predict(
+    model, guide, *args, site: str | None = None, device: str | torch.device | None = None, **kwargs
+) -> torch.Tensor | Moments:
     """Sampling-free predictive of ``model`` under ``guide`` for the inputs ``*args``.
 
     The guide's moments are propagated through the model (no network is drawn) and the
@@ -88,13 +109,15 @@ def predict(model, guide, *args, site: str | None = None, **kwargs) -> torch.Ten
     [1] *Sampling-free learning of Bayesian quantized neural networks*, J. Su, M. Cvitkovic,
         F. Huang (ICLR 2020)
 
+    :param device: where to compute; the model, the guide and the tensor inputs move there
+        (as for :func:`predictive_distribution`), and so does the result.
     :return: class probabilities ``(N, C)`` for a
         :class:`~pyro_bqn.distributions.MomentCategorical` site, ``P(y = 1)`` ``(N,)`` for a
         :class:`~pyro_bqn.distributions.MomentBernoulli` site, and the predictive
         :class:`~pyro_bqn.Moments` (mean, variance including the noise) for a
         :class:`~pyro_bqn.distributions.MomentNormal` site.
     """
-    fn = predictive_distribution(model, guide, *args, site=site, **kwargs)
+    fn = predictive_distribution(model, guide, *args, site=site, device=device, **kwargs)
     if hasattr(fn, "probs"):
         return fn.probs
     return Moments(fn.mean, fn.variance)
@@ -115,7 +138,13 @@ def _exact_guide(guide):
 
 @torch.no_grad()
 def predict_by_sampling(
-    model, guide, *args, num_samples: int = 20, site: str | None = None, **kwargs
+    model,
+    guide,
+    *args,
+    num_samples: int = 20,
+    site: str | None = None,
+    device: str | torch.device | None = None,
+    **kwargs,
 ) -> torch.Tensor:
     """Monte Carlo predictive: the observed site's ``probs`` averaged over ``num_samples``
     discrete networks drawn from the guide, each run in evaluation mode.
@@ -123,11 +152,14 @@ def predict_by_sampling(
     The baseline against which :func:`predict`'s analytic predictive is measured. Draws use
     torch's global generator (seed it with :func:`pyro.set_rng_seed`).
 
+    :param device: where to compute; the model, the guide and the tensor inputs move there
+        (as for :func:`predictive_distribution`).
     :return: averaged probabilities, the shape of the site's ``probs`` (``(N, C)`` for a
         categorical site).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    args, kwargs = _on_device(device, model, guide, args, kwargs)
     total = None
     with training_mode(model, False), poutine.block(), _exact_guide(guide):
         for _ in range(num_samples):
