@@ -200,3 +200,50 @@ def test_expected_log_prob_refuses_an_unknown_wrapper_of_a_moment_likelihood():
     wrapped = dist.TransformedDistribution(base, [dist.transforms.AffineTransform(0.0, 2.0)])
     with pytest.raises(NotImplementedError, match="TransformedDistribution.*MomentNormal"):
         expected_log_prob(wrapped, torch.zeros(3))
+
+
+def test_enumerate_support_lists_every_value_over_the_batch():
+    bernoulli = MomentBernoulli(logits=Moments(torch.randn(2, 3), torch.rand(2, 3)))
+    assert bernoulli.enumerate_support().shape == (2, 2, 3)
+    torch.testing.assert_close(bernoulli.enumerate_support()[:, 1, 2], torch.tensor([0.0, 1.0]))
+    compact = bernoulli.enumerate_support(expand=False)
+    assert compact.shape == (2, 1, 1)
+    torch.testing.assert_close(compact.flatten(), torch.tensor([0.0, 1.0]))
+    categorical = MomentCategorical(logits=Moments(torch.randn(2, 4), torch.rand(2, 4)))
+    assert categorical.enumerate_support().shape == (4, 2)
+    assert categorical.enumerate_support(expand=False).shape == (4, 1)
+
+
+def test_bernoulli_predictive_log_prob_is_the_log_of_its_probs():
+    # Under variance the predictive uses the probit-scaled logit, not the mean logit.
+    logits = Moments(torch.randn(5, dtype=torch.float64), 1 + torch.rand(5, dtype=torch.float64))
+    d = MomentBernoulli(logits=logits)
+    ones, zeros = torch.ones(5, dtype=torch.float32), torch.zeros(5, dtype=torch.float32)
+    torch.testing.assert_close(d.log_prob(ones), d.probs.log())  # float32 labels accepted
+    torch.testing.assert_close(d.log_prob(zeros), (1 - d.probs).log())
+
+
+@pytest.mark.parametrize(("make", "shape"), [(MomentBernoulli, (3,)), (MomentCategorical, (3, 2))])
+def test_validate_args_is_kept_through_expand(make, shape):
+    logits = Moments(torch.randn(shape), torch.rand(shape))
+    bad = torch.tensor([0.5, 0.5, 0.5])  # neither a class index nor a boolean
+    assert make(logits=logits, validate_args=False).expected_log_prob(bad).shape == (3,)
+    with pytest.raises(ValueError, match="support"):
+        make(logits=logits, validate_args=True).expected_log_prob(bad)
+    checked = make(logits=logits, validate_args=True).expand((4, 3))
+    assert checked.batch_shape == (4, 3)
+    with pytest.raises(ValueError, match="support"):
+        checked.expected_log_prob(bad)
+
+
+def test_bernoulli_batch_shape_and_expand_into_a_subclass_instance():
+    d = MomentBernoulli(logits=Moments(torch.randn(3), torch.rand(3)))
+    assert d.batch_shape == (3,)
+
+    class Sub(MomentBernoulli):
+        def expand(self, batch_shape, _instance=None):
+            new = self._get_checked_instance(Sub, _instance)
+            return super().expand(batch_shape, _instance=new)
+
+    expanded = Sub(logits=Moments(torch.randn(3), torch.rand(3))).expand((2, 3))
+    assert type(expanded) is Sub and expanded.batch_shape == (2, 3)
