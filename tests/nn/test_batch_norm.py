@@ -426,6 +426,44 @@ def test_non_finite_input_gives_the_torch_answer(monkeypatch, dtype):
     assert torch.isfinite(got[0][:, 0]).all() and torch.isfinite(module.running_var[0])
 
 
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("detached", ["var", "mean"])
+@pytest.mark.parametrize("loss_on", [0, 1])
+def test_non_finite_input_with_some_inputs_fixed_gives_the_torch_answer(
+    monkeypatch, affine, detached, loss_on
+):
+    # The kernel refuses a non-finite input; its autograd fallback must then handle absent
+    # affine parameters and inputs that need no gradient, as torch's own path does.
+    _native_only()
+    mean, var, weight, bias = _moment_inputs((6, 3), torch.float64, seed=23, affine=affine)
+    with torch.no_grad():
+        mean[1, 2] = torch.inf
+    if detached == "var":
+        var = var.detach()
+    else:
+        mean = mean.detach()
+    inputs = (mean, var, weight, bias)
+    grad_output = torch.randn(
+        6, 3, generator=torch.Generator().manual_seed(24), dtype=torch.float64
+    )
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+
+    def run():
+        outputs = batch_norm_moments(*inputs, 1e-5)
+        # The loss reaches one output only: beta gets no gradient through the variance.
+        grads = torch.autograd.grad(outputs[loss_on], wanted, grad_output, allow_unused=True)
+        return [out.detach() for out in outputs] + [
+            torch.zeros(()) if g is None else g for g in grads
+        ]
+
+    got = run()
+    _use_torch(monkeypatch)
+    expected = run()
+    exact = {"atol": 0.0, "rtol": 0.0, "equal_nan": True}
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, **exact)
+
+
 def test_non_finite_output_gradient_gives_the_torch_answer(monkeypatch):
     _native_only()
     inputs = _moment_inputs((6, 3), torch.float64, seed=21)
