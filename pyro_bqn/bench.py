@@ -37,6 +37,7 @@ from pyro_bqn import baselines
 from pyro_bqn.architectures import TORCH_LAYERS, Architecture
 from pyro_bqn.atomic_files import write_text
 from pyro_bqn.data import Dataset
+from pyro_bqn.devices import resolve_device
 from pyro_bqn.diagnostics import calibration_report, nll, save_figure
 from pyro_bqn.export import export_network
 from pyro_bqn.infer import (
@@ -84,6 +85,9 @@ class BenchConfig:
     prior: Any = None
     settings: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     progress: bool = False
+    device: str = "cpu"
+    """Where every method trains and predicts (``pyro-bqn bench --device``), a name
+    :func:`pyro_bqn.devices.resolve_device` accepts; the data move there once."""
 
     @property
     def bits_per_weight(self) -> int:
@@ -155,6 +159,7 @@ def _common(config: BenchConfig, seed: int) -> dict:
         "batch_size": config.batch_size,
         "seed": seed,
         "progress": config.progress,
+        "device": config.device,
     }
 
 
@@ -467,6 +472,7 @@ def run_method(name: str, config: BenchConfig, data: Dataset, seed: int) -> Meth
         raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
     method = METHODS[name]
     settings = method.settings(name, config)
+    data = data.to(resolve_device(config.device))
     trained = method.train(config, data, seed, settings)
     bits = method.bits_per_weight(config)
     weight_bytes = config.architecture.num_weights * bits * method.copies(config) / 8

@@ -129,7 +129,7 @@ class QuantizedClassifier(PyroModule):
         if num_data is not None and num_data < batch:
             raise ValueError(f"num_data={num_data} is smaller than the batch ({batch})")
         # A plate of the full data size over this minibatch scales the likelihood N / B.
-        with pyro.plate("data", num_data or batch, subsample=torch.arange(batch)):
+        with pyro.plate("data", num_data or batch, subsample=torch.arange(batch, device=x.device)):
             return pyro.sample("obs", MomentCategorical(logits=logits), obs=y)
 
 

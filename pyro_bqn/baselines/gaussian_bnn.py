@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from pyro_bqn.architectures import TORCH_LAYERS, Architecture
 from pyro_bqn.baselines._checks import check_data, check_positive_int
 from pyro_bqn.baselines.mlp import mlp_architecture
+from pyro_bqn.devices import module_device, resolve_device
 from pyro_bqn.infer.scale_latents import ScaleLatentsMessenger
 from pyro_bqn.minibatches import minibatches, num_minibatches
 
@@ -66,13 +67,29 @@ def _bayesian(module_type: type[nn.Module], prior_scale: float):
     def build(*args, bias: bool = True, **kwargs) -> nn.Module:
         layer = PyroModule[module_type](*args, bias=True, **kwargs)
         fan_in = layer.weight[0].numel()  # in_features, or in_channels * kH * kW
-        weight_prior = dist.Normal(0.0, prior_scale / math.sqrt(fan_in))
-        layer.weight = PyroSample(weight_prior.expand(layer.weight.shape).to_event())
-        out = layer.bias.shape
-        layer.bias = PyroSample(dist.Normal(0.0, prior_scale).expand(out).to_event(1))
+        scales = {"weight": prior_scale / math.sqrt(fan_in), "bias": prior_scale}
+        for name, prior in (("weight", _weight_prior), ("bias", _bias_prior)):
+            # The scales are a buffer, so the prior built from them follows layer.to(device).
+            scale = torch.full(getattr(layer, name).shape, float(scales[name]))
+            setattr(layer, name, PyroSample(prior))
+            layer.register_buffer(f"{name}_prior_scale", scale)
         return layer
 
     return build
+
+
+def _normal_prior(scale: torch.Tensor) -> dist.Distribution:
+    """``Normal(0, scale)`` over a whole tensor of ``scale``'s shape, on its device."""
+    return dist.Normal(torch.zeros_like(scale), scale).to_event(scale.dim())
+
+
+# Module-level functions (not lambdas) bound by PyroSample, so that a network pickles.
+def _weight_prior(layer: nn.Module) -> dist.Distribution:
+    return _normal_prior(layer.weight_prior_scale)
+
+
+def _bias_prior(layer: nn.Module) -> dist.Distribution:
+    return _normal_prior(layer.bias_prior_scale)
 
 
 class GaussianBNN(PyroModule[nn.Sequential]):
@@ -128,7 +145,8 @@ class GaussianBNN(PyroModule[nn.Sequential]):
             raise ValueError(f"num_data ({num_data}) is smaller than the minibatch ({batch})")
         # A user-supplied subsample of length B makes the plate scale the site by N / B; only
         # its length matters, because the model has no per-example latent variables.
-        with pyro.plate("data", size=num_data or batch, subsample=torch.arange(batch)):
+        subsample = torch.arange(batch, device=x.device)
+        with pyro.plate("data", size=num_data or batch, subsample=subsample):
             pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
         return logits
 
@@ -196,6 +214,7 @@ def train_gaussian_bnn(
     callback: Callable[[int, float], None] | None = None,
     progress: bool = True,
     desc: str | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[GaussianBNN, AutoNormalAnalyticKL]:
     """Fit a :class:`GaussianBNN` to ``(x, y)`` by SVI; return ``(model, guide)``.
 
@@ -232,8 +251,11 @@ def train_gaussian_bnn(
         divided by ``N`` (nats per training example).
     :param progress: show a tqdm bar with the running mean loss of the epoch.
     :param desc: label of the progress bar.
+    :param device: where to train (:func:`pyro_bqn.devices.resolve_device`); minibatches
+        move there; default: the device of ``x``.
     """
     check_data(x, y)
+    target = x.device if device is None else resolve_device(device)
     check_positive_int(epochs, "epochs")
     check_positive_int(batch_size, "batch_size")
     check_positive_int(num_particles, "num_particles")
@@ -243,12 +265,12 @@ def train_gaussian_bnn(
     num_data = x.shape[0]
     num_batches = num_minibatches(num_data, batch_size)
     with (
-        torch.random.fork_rng(devices=[]),
+        torch.random.fork_rng(devices=[target] if target.type == "cuda" else []),
         pyro.get_param_store().scope(),
         tqdm(total=epochs * num_batches, desc=desc, disable=not progress, leave=False) as bar,
     ):
         torch.manual_seed(seed)
-        model = GaussianBNN(sizes, prior_scale=prior_scale)
+        model = GaussianBNN(sizes, prior_scale=prior_scale).to(target)
         guide = AutoNormalAnalyticKL(model, init_loc_fn=init_to_sample, init_scale=init_scale)
         scale_kl = ScaleLatentsMessenger(kl_weight)
         svi = SVI(
@@ -260,7 +282,8 @@ def train_gaussian_bnn(
         for epoch in range(epochs):
             total = 0.0
             for i, index in enumerate(minibatches(torch.randperm(num_data), batch_size), 1):
-                total += svi.step(x[index], y[index], num_data=num_data) / num_data
+                xb, yb = x[index].to(target), y[index].to(target)
+                total += svi.step(xb, yb, num_data=num_data) / num_data
                 bar.update()
                 bar.set_postfix(epoch=epoch, loss=f"{total / i:.4f}", refresh=False)
             if callback is not None:
@@ -293,8 +316,11 @@ def gaussian_bnn_predict_proba(
     """
     check_positive_int(num_samples, "num_samples")
     check_positive_int(batch_size, "batch_size")
-    total = torch.zeros(())
-    with torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
+    device = module_device(guide) or x.device
+    x = x.to(device)
+    total = torch.zeros((), device=device)
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), pyro.get_param_store().scope():
         torch.manual_seed(seed)
         for _ in range(num_samples):
             weights = poutine.trace(guide).get_trace(x)

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pyro_bqn.baselines._checks import check_data, check_positive_int
+from pyro_bqn.devices import module_device, resolve_device
 from pyro_bqn.minibatches import minibatches, num_minibatches
 
 __all__ = ["train", "predict_proba"]
@@ -53,6 +54,7 @@ def train(
     callback: Callable[[int, float], None] | None = None,
     progress: bool = True,
     desc: str | None = None,
+    device: str | torch.device | None = None,
 ) -> list[float]:
     """Train ``model`` on ``(x, y)`` with shuffled minibatches; return the mean loss per epoch.
 
@@ -83,9 +85,15 @@ def train(
     :param callback: called as ``callback(epoch, mean_loss)`` after every epoch.
     :param progress: show a tqdm bar with the running mean loss of the epoch.
     :param desc: label of the progress bar.
+    :param device: where to train (:func:`pyro_bqn.devices.resolve_device`): the model moves
+        there (its parameters keep their identity, so optimizers built on them still hold
+        them) and so does each minibatch; default: where the model is.
     :returns: the mean minibatch loss of every epoch, length ``epochs``.
     """
     check_data(x, y)
+    if device is not None:
+        model.to(resolve_device(device))
+    target = module_device(model) or x.device
     check_positive_int(epochs, "epochs")
     check_positive_int(batch_size, "batch_size")
     if optimizer is None:
@@ -104,7 +112,7 @@ def train(
     model.train()
     try:
         with (
-            torch.random.fork_rng(devices=[]),
+            torch.random.fork_rng(devices=[target] if target.type == "cuda" else []),
             tqdm(total=epochs * num_batches, desc=desc, disable=not progress, leave=False) as bar,
         ):
             torch.manual_seed(seed)
@@ -112,7 +120,8 @@ def train(
                 batches = minibatches(torch.randperm(num_examples), batch_size)
                 total = 0.0
                 for i, index in enumerate(batches, 1):
-                    total += _step(model, x[index], y[index], optimizers, loss_fn)
+                    xb, yb = x[index].to(target), y[index].to(target)
+                    total += _step(model, xb, yb, optimizers, loss_fn)
                     if after_step is not None:
                         after_step()
                     bar.update()
@@ -132,13 +141,15 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> 
     Runs in minibatches of ``batch_size`` without gradients, with batch norm using its
     running statistics; the model's train/eval mode is restored afterwards.
 
-    :param x: inputs, shape ``(N, ...)``.
+    :param x: inputs, shape ``(N, ...)``; each minibatch moves to the model's device, where
+        the probabilities are returned.
     """
     check_positive_int(batch_size, "batch_size")
+    target = module_device(model) or x.device
     was_training = model.training
     model.eval()
     try:
-        probs = [F.softmax(model(xb), dim=-1) for xb in x.split(batch_size)]
+        probs = [F.softmax(model(xb.to(target)), dim=-1) for xb in x.split(batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(probs)

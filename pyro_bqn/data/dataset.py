@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -123,6 +123,15 @@ class Dataset:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         return getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
 
+    def to(self, device: str | torch.device) -> Dataset:
+        """This dataset with every split (and the statistics) on ``device``; ``self`` if
+        they are there already. The copy on the device replaces nothing here."""
+        target = torch.device(device)
+        if self.x_train.device == target:
+            return self
+        tensors = {f"{kind}_{split}" for split in SPLITS for kind in ("x", "y")} | {"mean", "std"}
+        return replace(self, **{name: getattr(self, name).to(target) for name in tensors})
+
     def loader(
         self,
         split: str = "train",
@@ -206,6 +215,34 @@ def carve_validation(
     return train_idx[keep], train_idx[hold]
 
 
+#: Rows converted at a time: the temporaries stay a few MB however large the data set.
+_CHUNK_ROWS = 1024
+
+
+def _scaled_rows(x: np.ndarray, idx: np.ndarray, raw_scale: float) -> np.ndarray:
+    """``float32(x[idx]) * raw_scale``, ``(len(idx), D)``, without a copy of ``x[idx]`` in
+    its own dtype: rows are gathered and converted a chunk at a time into the result."""
+    flat = x.reshape(len(x), -1)
+    out = np.empty((len(idx), flat.shape[1]), dtype=np.float32)
+    for start in range(0, len(idx), _CHUNK_ROWS):
+        out[start : start + _CHUNK_ROWS] = flat[idx[start : start + _CHUNK_ROWS]]
+    # float32 from the start keeps the full-MNIST arrays at 4 bytes a value.
+    out *= np.float32(raw_scale)
+    return out
+
+
+def _mean_and_std(x: np.ndarray, per_feature: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) standard deviation of ``x`` ``(N, D)`` over everything, or per
+    column with ``per_feature``, accumulated in float64 (a float32 sum over 47M pixels loses
+    digits) one chunk of rows at a time (``np.std`` would hold a float64 copy of ``x``)."""
+    axis = 0 if per_feature else None
+    count = len(x) if per_feature else x.size
+    chunks = [x[start : start + _CHUNK_ROWS] for start in range(0, len(x), _CHUNK_ROWS)]
+    mean = sum(chunk.sum(axis=axis, dtype=np.float64) for chunk in chunks) / count
+    squares = sum(np.square(chunk - mean).sum(axis=axis) for chunk in chunks)
+    return np.asarray(mean, dtype=np.float64), np.asarray(np.sqrt(squares / count))
+
+
 def build_dataset(
     name: str,
     x: np.ndarray,
@@ -231,21 +268,18 @@ def build_dataset(
     if x_test is None or y_test is None:
         x_test, y_test = x, y
 
-    def scaled(a: np.ndarray) -> np.ndarray:
-        # float32 from the start keeps the full-MNIST arrays at 4 bytes a value.
-        return a.astype(np.float32) * np.float32(raw_scale)
+    def scaled(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return _scaled_rows(a, idx, raw_scale)
 
-    x_train = scaled(x[train_idx])
-    # Accumulate in float64: a float32 sum over 47M pixels (full MNIST) loses digits.
-    axis = 0 if per_feature else None
-    mean = np.asarray(x_train.mean(axis=axis, dtype=np.float64))
-    std = np.asarray(x_train.std(axis=axis, dtype=np.float64))
+    x_train = scaled(x, train_idx)
+    mean, std = _mean_and_std(x_train, per_feature)
     std[std == 0] = 1.0
     mean_t = torch.as_tensor(mean, dtype=torch.float32)
     std_t = torch.as_tensor(std, dtype=torch.float32)
 
     def norm(a: np.ndarray) -> torch.Tensor:
-        return (torch.from_numpy(a) - mean_t) / std_t
+        # In place on the array just built: the data set is the only float copy there is.
+        return torch.from_numpy(a).sub_(mean_t).div_(std_t)
 
     def labels(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.astype(np.int64))
@@ -256,9 +290,9 @@ def build_dataset(
         input_shape=input_shape,
         x_train=norm(x_train),
         y_train=labels(y[train_idx]),
-        x_val=norm(scaled(x[val_idx])),
+        x_val=norm(scaled(x, val_idx)),
         y_val=labels(y[val_idx]),
-        x_test=norm(scaled(x_test[test_idx])),
+        x_test=norm(scaled(x_test, test_idx)),
         y_test=labels(y_test[test_idx]),
         raw_scale=raw_scale,
         mean=mean_t,

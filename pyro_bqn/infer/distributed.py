@@ -67,6 +67,7 @@ __all__ = [
     "init_from_environment",
     "is_main_process",
     "launch",
+    "leave_process_group",
     "main_process_first",
     "num_shard_minibatches",
     "shard_minibatches",
@@ -124,6 +125,12 @@ def init_from_environment(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend)
     return device
+
+
+def leave_process_group() -> None:
+    """Leave the process group, if this process is in one (after the last collective)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main_process_first(action: Callable[[], Any]) -> Any:
@@ -205,7 +212,7 @@ class DataParallelLoss:
     handlers) so that its parameters exist, checks that every parameter in Pyro's param store
     belongs to ``model`` or ``guide``, and wraps ``elbo(model, guide)``; DDP then copies
     process 0's parameters and buffers to every process. Buffers are not broadcast at each
-    step (``broadcast_buffers=False``): see :func:`average_running_statistics`.
+    step (``forward_sync_buffers=False``): see :func:`average_running_statistics`.
 
     :param elbo: a :class:`pyro.infer.ELBO` (its ``differentiable_loss`` is DDP's forward).
     :param model: a :class:`torch.nn.Module` (a ``PyroModule``).
@@ -237,7 +244,7 @@ class DataParallelLoss:
         self.module = DistributedDataParallel(
             elbo(model, guide),
             device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
+            forward_sync_buffers=False,
         )
 
     def loss_and_grads(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> float:

@@ -40,3 +40,12 @@ def write_idx_dir(
         else:
             (directory / name).write_bytes(payload)
     return arrays
+
+
+#: The size of MNIST, Fashion-MNIST and KMNIST: 60,000 training and 10,000 test images.
+FULL_SIZE = {"n_train": 60_000, "n_test": 10_000, "size": (28, 28)}
+
+
+def write_full_size_idx_dir(directory: Path) -> dict[str, np.ndarray]:
+    """Write an IDX set the size of MNIST (60,000 + 10,000 random 28 x 28 images, 55 MB)."""
+    return write_idx_dir(directory, **FULL_SIZE)
