@@ -99,6 +99,11 @@ class MultipleSpikeAndSlab(HoldsLevelSet, TorchDistribution):
 
     ``batch_shape`` is the broadcast of ``spike_probs.shape[:-1]`` and the other parameters'
     shapes; ``event_shape = ()``. The weights are checked unless ``validate_args=False``.
+
+    **References**
+
+    [1] *Bayesian asymmetric quantized neural networks*, J.-T. Chien, S.-T. Chang (Pattern
+        Recognition 139, 2023): the multiple spike-and-slab prior
     """
 
     arg_constraints = {

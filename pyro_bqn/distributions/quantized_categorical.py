@@ -118,6 +118,20 @@ class QuantizedCategorical(HoldsLevelSet, TorchDistribution):
 
     ``batch_shape = logits.shape[:-1]``, ``event_shape = ()``; samples are level values with
     the dtype of ``levels``.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_bqn import levels
+        >>> from pyro_bqn.distributions import QuantizedCategorical
+        >>> q = QuantizedCategorical(levels.ternary(), probs=torch.tensor([0.2, 0.3, 0.5]))
+        >>> q.mean, q.sample((1000,)).unique().tolist()  # E[w] = -0.2 + 0.5
+        (tensor(0.3000), [-1.0, 0.0, 1.0])
+
+    **References**
+
+    [1] *Sampling-free learning of Bayesian quantized neural networks*, J. Su, M. Cvitkovic,
+        F. Huang (ICLR 2020)
     """
 
     arg_constraints = {
