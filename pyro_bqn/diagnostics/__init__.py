@@ -12,6 +12,8 @@ used, with matplotlib, xarray and ArviZ.
 """
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 from pyro_bqn.diagnostics.calibration import (
@@ -57,6 +59,20 @@ def __getattr__(name: str) -> object:
     value = getattr(importlib.import_module(f"{__name__}.{_LAZY_NAMES[name]}"), name)
     globals()[name] = value
     return value
+
+
+class _Package(types.ModuleType):
+    """This package's module type. Importing a submodule sets the package attribute of its
+    name to the module; for ``posterior_summary``, the function of that name must stay
+    (``from pyro_bqn.diagnostics import posterior_summary`` is the function)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and name in _LAZY_NAMES:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

@@ -85,9 +85,10 @@ class MomentCategorical(TorchDistribution):
         self.logit_mean, self.logit_var = split_moments(logits)
         if self.logit_mean.dim() < 1:
             raise ValueError("logits must have at least one dimension (the classes)")
-        if not torch.isfinite(self.logit_mean).all():
-            raise ValueError("logits must be finite (found NaN or inf in their mean)")
         super().__init__(self.logit_mean.shape[:-1], validate_args=validate_args)
+        # A host synchronisation per step: under validation only, as Pyro checks arguments.
+        if self._validate_args and not torch.isfinite(self.logit_mean).all():
+            raise ValueError("logits must be finite (found NaN or inf in their mean)")
 
     @lazy_property
     def _predictive(self) -> Categorical:
