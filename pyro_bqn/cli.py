@@ -29,6 +29,7 @@ from pyro_bqn.architectures import ARCHITECTURES, Architecture
 from pyro_bqn.atomic_files import write_text
 from pyro_bqn.data import DATASET_NAMES, Dataset, load_dataset, shifted_images
 from pyro_bqn.deploy.artefacts import FORMATS, input_codes_of, save_deployable
+from pyro_bqn.devices import resolve_device
 from pyro_bqn.diagnostics import (
     PosteriorSummaryRecorder,
     calibration_report,
@@ -50,6 +51,13 @@ from pyro_bqn.infer import (
     predict_by_sampling,
 )
 from pyro_bqn.infer.auto_quantized_guide import POSTERIORS
+from pyro_bqn.infer.distributed import (
+    init_from_environment,
+    is_main_process,
+    launch,
+    leave_process_group,
+    main_process_first,
+)
 from pyro_bqn.levels import LevelSet
 from pyro_bqn.models import ACTIVATIONS, QuantizedClassifier
 from pyro_bqn.output_folder import OutputFolder
@@ -172,6 +180,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="replace the results already in --output (kept until the new ones are complete)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where to train: cpu, cuda, cuda:<i>, mps or auto (the first of cuda, mps, cpu "
+        "available); default cpu",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -220,6 +234,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     export_parser.add_argument("run_dir", type=Path, help="the --output folder of pyro-bqn fit")
     export_parser.add_argument("--format", choices=FORMATS, required=True)
+    _add_scale_out_arguments(fit_parser)
     bench_parser = commands.add_parser("bench", help="train every method and compare them")
     _add_training_arguments(bench_parser)
     bench_parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (>= 3)")
@@ -239,6 +254,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=0.2,
         help="share of the training data held out for --tune (default 0.2)",
     )
+    _add_continual_parser(commands)
     return parser
 
 
@@ -246,7 +262,9 @@ def _build_parser() -> argparse.ArgumentParser:
 #: moments and the kernel's gradient buffer, in float32, with one copy to spare.
 _TRAINING_BYTES_PER_LOGIT = 6 * 4
 #: Arguments that do not change what a run computes (not compared on --resume).
-_NOT_RECORDED = {"command", "output", "overwrite", "resume", "no_progress", "export"}
+_NOT_RECORDED = {
+    "command", "output", "overwrite", "resume", "no_progress", "export", "device", "workers"
+}  # fmt: skip
 
 
 def _load(name: str, **kwargs: float) -> Dataset:
@@ -325,16 +343,61 @@ def _record_arguments(args: argparse.Namespace, output: OutputFolder) -> None:
     write_text(path, json.dumps(arguments, indent=2) + "\n")
 
 
-def _fit(args: argparse.Namespace) -> dict:
+def _add_scale_out_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nproc",
+        type=_positive_int(1024),
+        default=1,
+        help="train data-parallel in this many processes on this machine (torch.distributed: "
+        "gloo on cpu, nccl on cuda, one GPU each); --batch-size is per process. Under "
+        "torchrun, give torchrun's --nproc_per_node instead",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_number(int, 0, 256),
+        default=0,
+        help="DataLoader worker processes preparing minibatches (default 0: none)",
+    )
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    """``--device``, checked (:func:`pyro_bqn.devices.resolve_device`)."""
+    try:
+        return resolve_device(args.device)
+    except ValueError as error:
+        raise UsageError(f"--device {args.device}: {error}") from None
+
+
+def _launches(args: argparse.Namespace) -> bool:
+    """Whether this ``fit --nproc N`` must start the N processes (it is not one of them)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.nproc not in (1, launched):
+        raise UsageError(f"--nproc {args.nproc} inside a launch of {launched} processes")
+    return args.nproc > 1 and launched == 1
+
+
+def _launch_fit(nproc: int, argv: list[str]) -> int:
+    """Run ``pyro-bqn fit argv`` in ``nproc`` processes with torch's launcher; process 0
+    prints the results."""
+    try:
+        launch(nproc, "pyro_bqn.cli", argv)
+    except RuntimeError as error:
+        print(f"pyro-bqn: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> dict | None:
     if args.export is not None:
         _check_export_format(args.export)
     levels = parse_levels(args.levels)
     data = _load(args.dataset)
     architecture = _architecture(args, data, levels)
     prior = _prior(args, levels)
+    # In a process group a launcher (torchrun, --nproc) describes, cuda is cuda:<local rank>.
+    device = init_from_environment(_device(args))
     output = OutputFolder(args.output, overwrite=args.overwrite, resume=args.resume)
-    output.prepare()
-    _record_arguments(args, output)
+    main_process_first(lambda: (output.prepare(), _record_arguments(args, output)))
     checkpoint = output.staging / "checkpoint.pt"
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
@@ -356,7 +419,14 @@ def _fit(args: argparse.Namespace) -> dict:
         checkpoint=checkpoint,
         # Killed before the first epoch ended: there is nothing to resume but the arguments.
         resume=args.resume and checkpoint.exists(),
+        device=device,
+        num_workers=args.workers,
     )
+    main = is_main_process()
+    leave_process_group()
+    if not main:
+        return None
+    model.cpu(), guide.cpu()  # the evaluation below runs on the CPU, where the data are
     save_figure(recorder.plot(), output.staging / "posterior_history.png")
     results = {
         "dataset": args.dataset,
@@ -579,6 +649,7 @@ def _bench(args: argparse.Namespace) -> list[dict]:
         mc_particles=args.mc_particles,
         prior=_prior(args, levels),
         progress=not args.no_progress,
+        device=str(_device(args)),
     )
     tuning_data = _load(args.dataset, val_fraction=args.val_fraction) if args.tune else None
     output = OutputFolder(args.output, overwrite=args.overwrite)
@@ -601,18 +672,159 @@ def _bench(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _add_continual_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "continual", help="learn a stream of tasks one after the other: accuracy matrix, forgetting"
+    )
+    _add_training_arguments(parser)
+    # The settings docs/continual.md measured with (chosen on the validation split).
+    parser.set_defaults(epochs=3, hidden="100,100", levels="binary", kl_weight=1e-2)
+    parser.add_argument(
+        "--tasks",
+        default="permuted:5",
+        help="permuted:T (pixel permutations, 10 classes) or split:T (digit pairs, a shared "
+        "two-class head); default permuted:5",
+    )
+    parser.add_argument(
+        "--methods", default="all", help="comma-separated subset of the methods, or all"
+    )
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument(
+        "--strength",
+        type=_number(float, 0, 1e6, low_open=True),
+        default=1.0,
+        help="prior strength: the previous posterior's natural parameters times this (default 1)",
+    )
+    parser.add_argument(
+        "--floor",
+        type=_number(float, 0, 1, low_open=True),
+        default=1e-3,
+        help="share of the uniform prior mixed into each carried categorical, in (0, 1) "
+        "(default 1e-3)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="override one setting of one method, e.g. bayesbinn:lr=0.1 (repeatable)",
+    )
+    parser.add_argument(
+        "--evaluate",
+        choices=("test", "val"),
+        default="test",
+        help="score on the test split, or on a validation split held out of the training "
+        "data (to choose settings); default test",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=_number(float, 0, 0.5, low_open=True),
+        default=0.2,
+        help="share of the training data held out with --evaluate val (default 0.2)",
+    )
+    parser.add_argument(
+        "--task-seed",
+        type=_number(int, 0, MAX_SEED),
+        default=0,
+        help="seed of the pixel permutations (the same tasks for every --seeds)",
+    )
+
+
+def _continual_settings(items: Sequence[str], defaults: dict[str, dict[str, float]]) -> dict:
+    """``--set METHOD:KEY=VALUE`` items as ``{method: {key: value}}``."""
+    settings: dict[str, dict[str, float]] = {}
+    for item in items:
+        method, _, assignment = item.partition(":")
+        key, equals, value = assignment.partition("=")
+        if method not in defaults or not equals or key not in defaults[method]:
+            known = "; ".join(f"{m}: {', '.join(keys)}" for m, keys in defaults.items())
+            raise UsageError(f"--set must be METHOD:KEY=VALUE with one of {known}, got {item!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise UsageError(f"--set {item!r}: {value!r} is not a number") from None
+        if not (math.isfinite(number) and number > 0):
+            raise UsageError(f"--set {item!r}: the value must be a positive finite number")
+        settings.setdefault(method, {})[key] = number
+    return settings
+
+
+def _continual(args: argparse.Namespace) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from pyro_bqn.continual import (
+        DEFAULT_SETTINGS,
+        METHODS,
+        ContinualConfig,
+        run_stream,
+        write_report,
+    )
+    from pyro_bqn.data.tasks import task_stream
+
+    seeds = _distinct(args.seeds, "--seeds", _seed)
+    methods = list(METHODS) if args.methods == "all" else _distinct(args.methods, "--methods", str)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UsageError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    if args.floor >= 1:
+        raise UsageError(f"--floor must be below 1, got {args.floor}")
+    if args.device != "cpu":
+        raise UsageError(f"--device: continual runs on the cpu only, got {args.device!r}")
+    settings = _continual_settings(args.set, DEFAULT_SETTINGS)
+    levels = parse_levels(args.levels)
+    split = {"val_fraction": args.val_fraction} if args.evaluate == "val" else {}
+    data = _load(args.dataset, **split)
+    try:
+        tasks = task_stream(data, args.tasks, seed=args.task_seed)
+    except ValueError as error:
+        raise UsageError(f"--tasks: {error}") from None
+    config = ContinualConfig(
+        architecture=_architecture(args, tasks[0], levels),
+        levels=levels,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        kl_weight=args.kl_weight,
+        strength=args.strength,
+        floor=args.floor,
+        prior=_prior(args, levels),
+        settings=settings,
+        evaluate_on=args.evaluate,
+    )
+    output = OutputFolder(args.output, overwrite=args.overwrite)
+    output.prepare()
+    runs = []
+    total = len(seeds) * len(methods) * len(tasks)
+    with tqdm(total=total, desc="continual", unit="task", disable=args.no_progress) as bar:
+        for seed in seeds:
+            for method in methods:
+                bar.set_postfix(method=method, seed=seed)
+                runs.append(run_stream(method, config, tasks, seed, on_task=bar.update))
+    title = (
+        f"{args.dataset}, {args.tasks}, {'-'.join(map(str, config.architecture.sizes))}, "
+        f"{len(seeds)} seeds"
+    )
+    rows = write_report(runs, output.staging, config, title)
+    output.commit()
+    print((args.output / "continual.md").read_text())
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "fit" and _launches(args):
+            return _launch_fit(args.nproc, sys.argv[1:] if argv is None else list(argv))
         if args.command == "fit":
-            _fit(args)
-            print((args.output / "summary.md").read_text())
-            print(f"results in {args.output}/ (metrics.json, summary.md, *.png)")
+            if _fit(args) is not None:  # None: a process other than 0, which writes nothing
+                print((args.output / "summary.md").read_text())
+                print(f"results in {args.output}/ (metrics.json, summary.md, *.png)")
         elif args.command == "export":
             report = _export(args)
             print((args.run_dir / f"deployment_{args.format}.md").read_text())
             print(f"wrote {args.run_dir / report['file']}")
+        elif args.command == "continual":
+            _continual(args)
         else:
             _bench(args)
     except KeyboardInterrupt:

@@ -305,9 +305,10 @@ def launch(nproc: int, module: str, argv: Sequence[str]) -> None:
     from torch.distributed import run
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    options = run.parse_args(
-        ["--standalone", "--nproc-per-node", str(nproc), "--module", module, *argv]
-    )
+    options = run.parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", module])
+    # Set after parsing: torchrun's parser would read the command's own options (--nproc is
+    # an abbreviation of its --nproc-per-node).
+    options.training_script_args = list(argv)
     try:
         run.run(options)
     except ChildFailedError as error:
