@@ -134,13 +134,19 @@ def float_cnn() -> torch.nn.Module:
 
 
 def bqn_by_hand_step(
-    x: torch.Tensor, y: torch.Tensor, levels: LevelSet, pyro_zeroing: bool = False
+    x: torch.Tensor,
+    y: torch.Tensor,
+    levels: LevelSet,
+    pyro_zeroing: bool = False,
+    compile_loss: bool = False,
 ) -> Callable[[], float]:
     """The same objective computed by hand from the library's moment rules, with none of
     Pyro's machinery (tracing, replay, param store, per-parameter optimiser, zeroed
-    gradients): the cost of the mathematics alone, so the difference to :func:`bqn_step` is
+    gradients): the cost of the mathematics alone, so the difference to :func:`svi_step` is
     the framework's. ``pyro_zeroing`` adds back Pyro's zeroing of gradients alone (see
-    :func:`adam_step`), whose cost grows with the number of logits."""
+    :func:`adam_step`), whose cost grows with the number of logits. ``compile_loss`` runs
+    the objective through :func:`torch.compile` (Inductor; the kernels stay opaque
+    operators, the rest is fused), with Pyro's validation off as a compiled loop would."""
     values, num_levels = levels.values, levels.num_levels
     pairs = list(zip(SIZES[:-1], SIZES[1:], strict=True))
     logits = [
@@ -171,6 +177,9 @@ def bqn_by_hand_step(
         return kl - scale * MomentCategorical(logits=out).expected_log_prob(y).sum()
 
     params = [*logits, *(p for pair in norms for p in pair), bias, temperature]
+    if compile_loss:
+        pyro.enable_validation(False)  # the distributions' argument checks are Python
+        negative_elbo = torch.compile(negative_elbo, fullgraph=True)
     return adam_step(params, negative_elbo, pyro_zeroing)
 
 
@@ -181,6 +190,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--levels", choices=sorted(LEVELS), default="ternary")
     parser.add_argument("--device", default="cpu", help="e.g. cuda")
+    parser.add_argument(
+        "--compile", action="store_true", help="add the by-hand step compiled by torch.compile"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_default_device(args.device)
@@ -207,6 +219,15 @@ def main() -> None:
             "float CNN": lambda: float_step(float_cnn(), x, y),
         },
     ]
+    if args.compile:  # last: it turns Pyro's validation off for the rest of the process
+        compiled = lambda: bqn_by_hand_step(x, y, levels, compile_loss=True)  # noqa: E731
+        groups.append(
+            {
+                "by hand, torch.compile": compiled,
+                "by hand": lambda: bqn_by_hand_step(x, y, levels),
+                "float MLP": lambda: float_step(float_mlp(SIZES), x, y),
+            }
+        )
     print(
         f"{args.levels} weights, batch {args.batch}, threads {args.threads}, {args.device}; "
         f"MLP {'-'.join(map(str, SIZES))}, CNN {CNN.hidden}"
