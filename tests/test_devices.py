@@ -11,7 +11,7 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_bqn import QuantizedLinear, QuantizedMLP
+from pyro_bqn import QuantizedLinear, QuantizedMLP, baselines
 from pyro_bqn.checkpoint import load_checkpoint
 from pyro_bqn.devices import module_device, resolve_device
 from pyro_bqn.export import QuantizedNetwork, export_network
@@ -152,3 +152,31 @@ def test_fit_refuses_cuda_before_any_work() -> None:
     assert len(pyro.get_param_store()) == 0  # the guide never ran
     with pytest.raises(ValueError, match="CUDA is not available"):
         predict(model, guide, x, device="cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_baselines_train_and_predict_on_a_device(device: str) -> None:
+    x, y = linear_classes(60, SIZES[0], SIZES[-1], seed=2)
+    network = baselines.ste_mlp(SIZES)
+    baselines.train_ste(network, x, y, epochs=1, batch_size=20, progress=False, device=device)
+    assert module_device(network).type == device
+    assert baselines.predict_proba(network, x).device.type == device
+    model, guide = baselines.train_gaussian_bnn(
+        x, y, SIZES, epochs=1, batch_size=20, progress=False, device=device
+    )
+    probs = baselines.gaussian_bnn_predict_proba(model, guide, x, num_samples=2)
+    assert probs.device.type == device and probs.shape == (60, 3)
+
+
+def test_gaussian_bnn_priors_follow_the_network() -> None:
+    # Built once at construction, they stayed float32 on the CPU whatever the network did.
+    model = baselines.GaussianBNN(SIZES).double()
+    trace = poutine.trace(model).get_trace(torch.randn(4, SIZES[0], dtype=torch.float64))
+    priors = [
+        site["fn"]
+        for name, site in trace.iter_stochastic_nodes()
+        if name.endswith(("weight", "bias"))
+    ]
+    assert len(priors) == 4  # two layers' weight and bias
+    for prior in priors:
+        assert prior.mean.dtype == torch.float64 and prior.stddev.dtype == torch.float64
