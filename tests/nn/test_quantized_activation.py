@@ -125,7 +125,9 @@ def test_learnable_levels_receive_gradients(moment_mode):
     assert torch.isfinite(grad).all() and (grad != 0).any()
 
 
-@pytest.mark.parametrize("module", [Sign(), QuantizedActivation(levels=ternary())], ids=repr)
+@pytest.mark.parametrize(
+    "module", [Sign(), QuantizedActivation(levels=ternary())], ids=["sign", "ternary"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("var_value", [0.0, 1e-30, 1e-8])
 def test_gradients_are_finite_for_extreme_inputs(module, dtype, var_value):

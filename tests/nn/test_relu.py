@@ -84,7 +84,9 @@ def test_relu_tensor_mode_is_torch_relu():
     assert torch.equal(x.grad, (x > 0).float())
 
 
-@pytest.mark.parametrize("op", [torch.nn.ReLU(), torch.relu, torch.nn.functional.relu], ids=repr)
+@pytest.mark.parametrize(
+    "op", [torch.nn.ReLU(), torch.relu, torch.nn.functional.relu], ids=["ReLU", "relu", "F.relu"]
+)
 def test_plain_torch_relu_on_moments_names_the_replacement(op):
     moments = Moments(torch.zeros(2, 3), torch.ones(2, 3))
     with pytest.raises(MomentRuleError, match=r"pyro_bqn\.nn\..*ReLU"):
