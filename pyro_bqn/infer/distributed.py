@@ -241,9 +241,12 @@ class DataParallelLoss:
         with torch.no_grad(), poutine.block(), preserved(buffers_of(model)):
             guide(*example_args, **example_kwargs)
         _check_params_in_modules(model, guide)
+        device_ids = None
+        if device.type == "cuda":  # "cuda" alone means the current device of this process
+            device_ids = [torch.cuda.current_device() if device.index is None else device.index]
         self.module = DistributedDataParallel(
             elbo(model, guide),
-            device_ids=[device.index] if device.type == "cuda" else None,
+            device_ids=device_ids,
             forward_sync_buffers=False,
         )
 
