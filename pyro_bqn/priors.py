@@ -13,7 +13,11 @@ frozen and printable, and :func:`parse_prior` reads them from text (a command-li
   M-ary quantization (Chien & Chang, "Bayesian asymmetric quantized neural networks",
   *Pattern Recognition* 139, 2023): a spike at each level plus a broad zero-centred slab;
 * :class:`DistributionPrior` — the weights of a given distribution, re-built on the current
-  levels (what a layer does with ``prior=<a distribution>``).
+  levels (what a layer does with ``prior=<a distribution>``);
+* :class:`PerWeightCategoricalPrior` — a categorical of its own for every weight, held as
+  buffers (so it follows ``model.to(...)`` and is saved by checkpoints): yesterday's posterior
+  as today's prior in continual learning (:func:`pyro_bqn.infer.posterior_as_prior`), with
+  :class:`NormalSitePrior`, its counterpart for a real-valued site such as a bias.
 
 Any other callable ``levels -> distribution`` works too, and a subclass of the layer can
 override :meth:`~pyro_bqn.nn.quantized_layer.QuantizedLayer.weight_prior` instead.
@@ -34,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, TypeAlias
 
+import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import TorchDistributionMixin
 
@@ -45,9 +50,13 @@ from pyro_bqn.levels import LevelSet
 __all__ = [
     "CategoricalPrior",
     "DistributionPrior",
+    "NormalSitePrior",
+    "PerWeightCategoricalPrior",
     "PriorFactory",
     "SpikeAndSlabPrior",
     "as_prior_factory",
+    "check_floor",
+    "check_strength",
     "base_distribution",
     "parse_prior",
 ]
@@ -199,6 +208,158 @@ class DistributionPrior:
     def __repr__(self) -> str:
         weights = {key: value.tolist() for key, value in self._weights.items()}
         return f"DistributionPrior({self._kind.__name__}, {weights})"
+
+
+def check_strength(strength: float) -> None:
+    """:raises ValueError: unless ``strength`` (a prior's tempering) is a finite number > 0."""
+    number = isinstance(strength, int | float) and not isinstance(strength, bool)
+    if not (number and math.isfinite(strength) and strength > 0):
+        raise ValueError(f"strength must be a finite number > 0, got {strength!r}")
+
+
+def check_floor(floor: float) -> None:
+    """:raises ValueError: unless ``floor`` (a prior's uniform share) lies in ``(0, 1)``."""
+    number = isinstance(floor, int | float) and not isinstance(floor, bool)
+    if not (number and 0 < floor < 1):
+        raise ValueError(f"floor must be a number in (0, 1), got {floor!r}")
+
+
+class PerWeightCategoricalPrior(torch.nn.Module):
+    r"""A categorical prior of its own for every weight: ``p(w = v_k) = softmax(logits)_k``
+    per weight, on the layer's current levels.
+
+    The log-probabilities are a buffer, ``logits`` of shape ``(K,) + weight_shape``
+    (level-major, as :class:`~pyro_bqn.AutoQuantizedGuide` stores its posterior logits), so
+    the prior moves with ``model.to(...)`` and is saved and restored by
+    :func:`~pyro_bqn.save_checkpoint` / :func:`~pyro_bqn.load_checkpoint` with the model's
+    other buffers. Set it as a layer's prior factory (``layer.prior = ...``); it is what
+    :func:`~pyro_bqn.infer.posterior_as_prior` does. Its KL to the guide's categorical
+    posterior is the analytic ``sum_k q_k log(q_k / p_k)``, term by term per weight.
+
+    Usage::
+
+        >>> import torch
+        >>> from pyro_bqn import QuantizedLinear, levels
+        >>> layer = QuantizedLinear(4, 3, levels=levels.binary())
+        >>> posterior = torch.log_softmax(torch.randn(2, 3, 4), 0)  # (K,) + weight shape
+        >>> layer.prior = PerWeightCategoricalPrior.from_posterior(posterior, floor=1e-3)
+        >>> layer.weight_prior(layer.levels).batch_shape
+        torch.Size([3, 4])
+
+    :param logits: log-probabilities (or unnormalised logits) of the levels, shape
+        ``(K,) + weight_shape``; copied.
+    """
+
+    logits: torch.Tensor
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[0] < 2:
+            raise ValueError(
+                "logits must be a tensor of shape (K,) + weight_shape with K >= 2 levels, got "
+                + (str(tuple(logits.shape)) if isinstance(logits, torch.Tensor) else
+                   type(logits).__name__)
+            )
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("logits must be finite (a floor keeps every level possible)")
+        self.register_buffer("logits", logits.detach().clone())
+
+    @classmethod
+    def from_posterior(
+        cls, log_probs: torch.Tensor, strength: float = 1.0, floor: float = 1e-3
+    ) -> PerWeightCategoricalPrior:
+        r"""The prior ``p = (1 - floor) q_s + floor / K`` from a posterior ``q`` with
+        log-probabilities ``log_probs`` (shape ``(K,) + weight_shape``), where
+        ``q_s ∝ q^strength`` is the posterior tempered by ``strength``.
+
+        * ``strength`` multiplies the posterior's natural parameters (its log-probabilities):
+          ``1`` keeps it, ``< 1`` flattens it towards the uniform prior (a weaker memory of
+          the past task), ``> 1`` sharpens it (as BayesBiNN's prior ``lambda_0`` scaled).
+        * ``floor`` mixes in that share of the uniform prior, so every level keeps prior
+          probability ``>= floor / K``. Without it a level the posterior has ruled out (a
+          probability that is 0, or underflows to 0 in float32 for logits ~100 apart) would
+          make ``KL(q' || p)`` infinite for any next posterior ``q'`` that gives it mass: the
+          next task could never move that weight, and the loss would be ``inf``. With it the
+          KL of one weight is at most ``log(K / floor)`` (7.6 nats for binary weights at the
+          default ``1e-3``), a finite price for evidence to overturn.
+
+        :raises ValueError: for ``strength <= 0``, ``floor`` outside ``(0, 1)`` or
+            non-finite ``log_probs`` where they are not ``-inf``.
+        """
+        check_strength(strength)
+        check_floor(floor)
+        if torch.isnan(log_probs).any() or (log_probs == math.inf).any():
+            raise ValueError("log_probs must not hold NaN or +inf")
+        tempered = torch.log_softmax(strength * log_probs.detach(), dim=0)
+        num_levels = log_probs.shape[0]
+        floored = torch.logaddexp(
+            tempered + math.log1p(-floor),
+            torch.full_like(tempered, math.log(floor / num_levels)),
+        )
+        return cls(floored)
+
+    def forward(self, levels: LevelSet) -> QuantizedCategorical:
+        """The prior on ``levels``: a :class:`~pyro_bqn.distributions.QuantizedCategorical`
+        with batch shape ``weight_shape``."""
+        if levels.num_levels != self.logits.shape[0]:
+            raise ValueError(
+                f"PerWeightCategoricalPrior holds {self.logits.shape[0]} levels, the layer has "
+                f"{levels.num_levels}"
+            )
+        # The logits were checked finite when the prior was built.
+        return QuantizedCategorical(levels, logits=self.logits.movedim(0, -1), validate_args=False)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.logits.shape[0]}, weight_shape={tuple(self.logits.shape[1:])}"
+
+
+class NormalSitePrior(torch.nn.Module):
+    """``Normal(loc, scale).to_event(event_dim)``, a prior of a real-valued site (e.g. a
+    bias) whose ``loc`` and ``scale`` are buffers, so it moves with the model and is saved
+    by checkpoints.
+
+    Called with the module that owns the site (the convention of
+    :class:`pyro.nn.PyroSample` for a prior that is a function): register it on that module
+    and declare ``module.<site> = PyroSample(prior)`` (what
+    :func:`~pyro_bqn.infer.posterior_as_prior` does).
+
+    :param loc: the means, the site's shape.
+    :param scale: the standard deviations, positive, the site's shape.
+    :param event_dim: how many trailing dimensions are one event.
+    """
+
+    loc: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, event_dim: int) -> None:
+        super().__init__()
+        if loc.shape != scale.shape or not bool((scale > 0).all()):
+            raise ValueError(
+                f"loc and scale must have one shape and scale must be positive, got shapes "
+                f"{tuple(loc.shape)} and {tuple(scale.shape)}"
+            )
+        if not 0 <= event_dim <= loc.dim():
+            raise ValueError(f"event_dim must be in [0, {loc.dim()}], got {event_dim}")
+        self.event_dim = event_dim
+        self.register_buffer("loc", loc.detach().clone())
+        self.register_buffer("scale", scale.detach().clone())
+
+    @classmethod
+    def from_posterior(
+        cls, loc: torch.Tensor, scale: torch.Tensor, event_dim: int, strength: float = 1.0
+    ) -> NormalSitePrior:
+        """The posterior ``Normal(loc, scale)`` tempered by ``strength``: its natural
+        parameters (precision and precision times mean) multiplied by ``strength``, i.e.
+        ``Normal(loc, scale / sqrt(strength))``."""
+        check_strength(strength)
+        return cls(loc, scale / math.sqrt(strength), event_dim)
+
+    def forward(self, module: torch.nn.Module | None = None) -> TorchDistributionMixin:
+        """The prior (``module``, the site's owner, is not needed)."""
+        return dist.Normal(self.loc, self.scale, validate_args=False).to_event(self.event_dim)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.loc.shape)}, event_dim={self.event_dim}"
 
 
 def as_prior_factory(prior: TorchDistributionMixin | PriorFactory | None) -> PriorFactory:

@@ -26,6 +26,7 @@ from pyro_bqn.baselines.bayesbinn import (
     bayesbinn_mlp,
     bayesbinn_network,
     bayesbinn_predict_proba,
+    continue_bayesbinn,
     split_binary_parameters,
     train_bayesbinn,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "binarized_network",
     "bayesbinn_predict_proba",
     "clip_latent_weights_",
+    "continue_bayesbinn",
     "export_quantized_weights",
     "fit_ensemble",
     "float_mlp",

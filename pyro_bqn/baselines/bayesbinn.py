@@ -60,6 +60,20 @@ does with its separate ``bn_optimizer``. Batch-norm running statistics are those
 relaxed networks seen in training; the sampled ``±1`` networks and the mean network use
 them as they are, as in the reference.
 
+**Continual learning** (the paper's Section 5.3, and ``main_permute_mnist_CL.py`` of the
+reference code): after a task, the posterior's natural parameters become the prior's,
+``λ₀ ← λ`` for every weight (:meth:`BayesBiNN.posterior_as_prior_`), and the next task
+continues from the same ``λ`` with the learning rate reset
+(:func:`continue_bayesbinn`). The prior's pull ``αβ(λ − λ₀)`` then holds each weight
+towards what the earlier tasks learned. ``strength`` scales ``λ₀`` (``λ₀ ← strength · λ``,
+the same tempering as :func:`pyro_bqn.infer.posterior_as_prior`); the reference uses
+``1``. In the authors' saturated regime ``λ`` is a large running sum whose sign is the
+weight, so ``λ₀`` holds that sum: the prior is as confident as the past gradients were.
+
+**Devices.** Everything the optimizer creates (``λ``, its prior, the noise, the predictive's
+generator) lives on the device of the parameters; build the network there with
+``bayesbinn_network(..., device=...)``.
+
 **Prediction** (:func:`bayesbinn_predict_proba`): the paper's Bayesian predictive averages
 ``softmax`` over binary networks sampled from ``q`` (``mode="sampled"``); the second mode
 is the single mean network ``sign(μ) = sign(tanh(λ))`` (``mode="mean"``, also the most
@@ -85,6 +99,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -108,6 +123,7 @@ __all__ = [
     "bayesbinn_mlp",
     "bayesbinn_network",
     "bayesbinn_predict_proba",
+    "continue_bayesbinn",
     "split_binary_parameters",
     "train_bayesbinn",
 ]
@@ -178,8 +194,10 @@ class BayesBiNN(torch.optim.Optimizer):
     KL weight.
 
     Per-parameter state: ``lamda`` (natural parameters ``λ``, the parameter's shape),
-    ``momentum_buffer`` and ``step``. Per-group options: ``lr``, ``temperature``,
-    ``prior_lamda``, ``init_lamda``, ``momentum``, ``kl_weight``, ``gradient_scale``.
+    ``momentum_buffer``, ``step`` and, once :meth:`posterior_as_prior_` has run,
+    ``prior_lamda`` (a prior natural parameter per weight, which replaces the group's).
+    Per-group options: ``lr``, ``temperature``, ``prior_lamda``, ``init_lamda``,
+    ``momentum``, ``kl_weight``, ``gradient_scale``.
     ``train_set_size`` and ``num_samples`` are shared by all groups, because one closure
     evaluates the whole model.
 
@@ -192,7 +210,8 @@ class BayesBiNN(torch.optim.Optimizer):
     :param lr: learning rate ``α`` in ``(0, 1]``.
     :param temperature: relaxation temperature ``τ > 0``.
     :param num_samples: Monte Carlo samples ``M >= 1`` per step.
-    :param prior_lamda: prior natural parameter ``λ₀`` (``0``: ``P(w = +1) = ½``).
+    :param prior_lamda: prior natural parameter ``λ₀`` of every weight (``0``:
+        ``P(w = +1) = ½``); :meth:`posterior_as_prior_` sets one per weight instead.
     :param init_lamda: ``|λ|`` at the start, ``>= 0``; signs from the parameters' values.
     :param momentum: ``ρ`` in ``[0, 1)``, an Adam-style bias-corrected running average.
     :param kl_weight: ``β >= 0`` on the KL term (``1``: the Bayesian learning rule).
@@ -275,6 +294,20 @@ class BayesBiNN(torch.optim.Optimizer):
         return torch.exp(-2.0 * _log_cosh(self.state[p]["lamda"]))
 
     @torch.no_grad()
+    def posterior_as_prior_(self, strength: float = 1.0) -> None:
+        """Continual learning: make the current posterior the prior of the next task,
+        ``λ₀ ← strength · λ`` for every weight (a copy, so ``λ₀`` stays while ``λ`` learns).
+
+        :param strength: multiplies the natural parameters, ``> 0`` (``1``: the posterior
+            itself, as the paper and reference code do).
+        :raises ValueError: for a bad ``strength``.
+        """
+        _check_number(strength, "strength", 0.0, low_open=True)
+        for _, p in self._params():
+            state = self.state[p]
+            state["prior_lamda"] = strength * state["lamda"].clone()
+
+    @torch.no_grad()
     def load_mean_(self) -> None:
         """Write the mean network ``sign(μ)`` (``+1`` where ``μ = 0``) into the parameters;
         it is also the most probable network of the posterior."""
@@ -329,7 +362,8 @@ class BayesBiNN(torch.optim.Optimizer):
             state = self.state[p]
             lamda, rho = state["lamda"], group["momentum"]
             grad_hat = grad_sum * (self.train_set_size / self.num_samples)
-            direction = grad_hat + group["kl_weight"] * (lamda - group["prior_lamda"])
+            prior = state.get("prior_lamda", group["prior_lamda"])
+            direction = grad_hat + group["kl_weight"] * (lamda - prior)
             state["step"] += 1
             state["momentum_buffer"].mul_(rho).add_(direction, alpha=1.0 - rho)
             lamda.sub_(state["momentum_buffer"], alpha=group["lr"] / (1.0 - rho ** state["step"]))
@@ -343,6 +377,7 @@ def bayesbinn_network(
     activation: str = "sign",
     output_scale: float | None = None,
     learn_output_scale: bool = True,
+    device: torch.device | str | None = None,
 ) -> Network:
     """The binary network for BayesBiNN in ``architecture``: plain
     :class:`torch.nn.Linear` and :class:`torch.nn.Conv2d` layers whose weights
@@ -359,16 +394,19 @@ def bayesbinn_network(
     :param output_scale: initial logit scale; default ``1 / sqrt(fan_in)`` of the output
         layer.
     :param learn_output_scale: learn the logit scale (default) or keep it fixed.
+    :param device: where the parameters are created (default: torch's default device).
     """
     _check_choice(activation, "activation", tuple(BAYESBINN_ACTIVATIONS))
     if output_scale is None:
         output_scale = architecture.sizes[-2] ** -0.5
-    return Network(
-        architecture,
-        TORCH_LAYERS.replace(activation=BAYESBINN_ACTIVATIONS[activation]),
-        output_scale=output_scale,
-        learn_output_scale=learn_output_scale,
-    )
+    # Created on the device itself, not on the CPU and copied over.
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return Network(
+            architecture,
+            TORCH_LAYERS.replace(activation=BAYESBINN_ACTIVATIONS[activation]),
+            output_scale=output_scale,
+            learn_output_scale=learn_output_scale,
+        )
 
 
 def bayesbinn_mlp(
@@ -377,6 +415,7 @@ def bayesbinn_mlp(
     activation: str = "sign",
     output_scale: float | None = None,
     learn_output_scale: bool = True,
+    device: torch.device | str | None = None,
 ) -> Network:
     """:func:`bayesbinn_network` of the MLP of widths ``sizes = (d_in, h_1, ..., d_out)``:
     ``[Linear → BatchNorm1d → activation] × (L − 1) → Linear → scale``."""
@@ -385,6 +424,7 @@ def bayesbinn_mlp(
         activation=activation,
         output_scale=output_scale,
         learn_output_scale=learn_output_scale,
+        device=device,
     )
 
 
@@ -443,6 +483,58 @@ def train_bayesbinn(
         kl_weight=kl_weight,
         gradient_scale=gradient_scale,
     )
+    continue_bayesbinn(
+        model,
+        optimizer,
+        x,
+        y,
+        other_lr=other_lr,
+        lr_schedule=lr_schedule,
+        final_lr_fraction=final_lr_fraction,
+        **train_kwargs,
+    )
+    return optimizer
+
+
+def continue_bayesbinn(
+    model: nn.Module,
+    optimizer: BayesBiNN,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    other_lr: float = 1e-2,
+    lr_schedule: str = "cosine",
+    final_lr_fraction: float = 0.0,
+    **train_kwargs: Any,
+) -> BayesBiNN:
+    """Train ``model`` on ``(x, y)`` with an existing :class:`BayesBiNN` ``optimizer`` (its
+    ``λ``, prior and options) and a fresh Adam for the other parameters: the next task of
+    continual learning, after :meth:`BayesBiNN.posterior_as_prior_`.
+
+    ``N`` becomes ``x.shape[0]``; the learning rates restart from their values and follow
+    ``lr_schedule`` down to ``final_lr_fraction`` (the reference resets them every task).
+    Other arguments as :func:`train_bayesbinn`. Returns ``optimizer``.
+
+    Usage::
+
+        >>> import torch
+        >>> from pyro_bqn.baselines.mlp import mlp_architecture
+        >>> x, y = torch.randn(32, 8), torch.randint(2, (32,))
+        >>> model = bayesbinn_network(mlp_architecture([8, 16, 2]))
+        >>> optimizer = train_bayesbinn(model, x, y, epochs=1, batch_size=16, progress=False)
+        >>> optimizer.posterior_as_prior_()
+        >>> optimizer = continue_bayesbinn(model, optimizer, x, 1 - y, epochs=1,
+        ...                                batch_size=16, progress=False)
+    """
+    if not isinstance(optimizer, BayesBiNN):
+        raise ValueError(f"optimizer must be a BayesBiNN, got {type(optimizer).__name__}")
+    if "optimizer" in train_kwargs:
+        raise ValueError("continue_bayesbinn builds the other optimizer itself; do not pass one")
+    binary, other = split_binary_parameters(model)
+    owned = {id(p) for _, p in optimizer._params()}
+    if {id(p) for p in binary} != owned:
+        raise ValueError("optimizer must own exactly the model's binary weights")
+    optimizer.train_set_size = x.shape[0]
     optimizers: list[torch.optim.Optimizer] = [optimizer]
     if other:
         optimizers.append(torch.optim.Adam(other, lr=other_lr))
@@ -484,12 +576,14 @@ def bayesbinn_predict_proba(
     if mode == "mean":
         optimizer.load_mean_()
         return predict_proba(model, x, batch_size)
-    generator = torch.Generator().manual_seed(seed)
+    # The draws happen where λ lives: a generator of that device.
+    device = optimizer._params()[0][1].device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    probs = []
     try:
-        probs = torch.zeros(())
         for _ in range(num_samples):
             optimizer.sample_(generator)
-            probs = probs + predict_proba(model, x, batch_size)
+            probs.append(predict_proba(model, x, batch_size))
     finally:
         optimizer.load_mean_()
-    return probs / num_samples
+    return torch.stack(probs).mean(0)

@@ -1,6 +1,7 @@
 """Inference: the sampling-free ELBO, the quantized autoguide and predictive helpers."""
 
 from pyro_bqn.infer.auto_quantized_guide import AutoQuantizedGuide
+from pyro_bqn.infer.continual import posterior_as_prior
 from pyro_bqn.infer.deterministic_elbo import DeterministicELBO
 from pyro_bqn.infer.fit import fit
 from pyro_bqn.infer.moment_messenger import MomentMessenger
@@ -16,6 +17,7 @@ __all__ = [
     "eval_mode",
     "fit",
     "most_probable_sparsity",
+    "posterior_as_prior",
     "predict",
     "predict_by_sampling",
     "predictive_distribution",

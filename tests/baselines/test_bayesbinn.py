@@ -9,6 +9,7 @@ from pyro_bqn.baselines import (
     BayesBiNN,
     bayesbinn_mlp,
     bayesbinn_predict_proba,
+    continue_bayesbinn,
     predict_proba,
     split_binary_parameters,
     train_bayesbinn,
@@ -317,3 +318,77 @@ def test_bad_call_arguments():
         bayesbinn_mlp([3, 2], activation="tanh")
     with pytest.raises(ValueError, match="optimizer"):
         train_bayesbinn(model, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), optimizer=opt)
+
+
+def test_posterior_as_prior_copies_the_natural_parameters_for_the_next_task():
+    # The paper's continual mode (lambda_0 <- lambda after a task), scaled by the strength.
+    unused = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    used = nn.Parameter(torch.zeros(2))
+    opt = BayesBiNN([used, unused], train_set_size=5, lr=0.1, kl_weight=2.0)
+    opt.state[unused]["lamda"].copy_(LAMDA)
+    opt.posterior_as_prior_(strength=0.5)
+    prior = opt.state[unused]["prior_lamda"]
+    torch.testing.assert_close(prior, 0.5 * LAMDA)
+
+    def closure() -> torch.Tensor:
+        loss = used.sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    # With no gradient, the prior pulls lambda towards the per-weight lambda_0 ...
+    expected = LAMDA - 0.1 * 2.0 * (LAMDA - 0.5 * LAMDA)
+    torch.testing.assert_close(opt.state[unused]["lamda"], expected)
+    # ... which is a copy: it stayed where it was while lambda moved.
+    torch.testing.assert_close(opt.state[unused]["prior_lamda"], 0.5 * LAMDA)
+    with pytest.raises(ValueError, match="strength"):
+        opt.posterior_as_prior_(strength=0.0)
+
+
+def test_continual_training_keeps_the_first_task_better_than_a_uniform_prior(digits):
+    # Task 1: the digits; task 2: the digits with their pixels permuted. With the first
+    # posterior as the prior, less of task 1 is overwritten.
+    x, y, x_test, y_test = digits["x"], digits["y"], digits["x_test"], digits["y_test"]
+    permutation = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    kwargs = {"epochs": 3, "batch_size": 50, "progress": False}
+
+    def first_task_accuracy_after_second(carry: bool) -> float:
+        torch.manual_seed(0)
+        model = bayesbinn_mlp([64, 32, 10])
+        opt = train_bayesbinn(model, x, y, lr=0.1, temperature=1e-2, kl_weight=1.0, **kwargs)
+        if carry:
+            opt.posterior_as_prior_()
+        opt = continue_bayesbinn(model, opt, x[:, permutation], y, **kwargs)
+        assert opt.train_set_size == x.shape[0]
+        return accuracy(bayesbinn_predict_proba(model, opt, x_test, mode="mean"), y_test)
+
+    carried = first_task_accuracy_after_second(True)
+    uniform = first_task_accuracy_after_second(False)
+    # Measured 0.54 against 0.17 (seeded).
+    assert carried > uniform + 0.2, (carried, uniform)
+
+
+def test_continue_bayesbinn_refuses_an_optimizer_of_other_weights():
+    model, other = bayesbinn_mlp([4, 3, 2]), bayesbinn_mlp([4, 3, 2])
+    binary, _ = split_binary_parameters(other)
+    x, y = torch.randn(8, 4), torch.randint(2, (8,))
+    with pytest.raises(ValueError, match="binary weights"):
+        continue_bayesbinn(model, BayesBiNN(binary, train_set_size=8), x, y, progress=False)
+    with pytest.raises(ValueError, match="BayesBiNN"):
+        continue_bayesbinn(model, torch.optim.SGD(binary, lr=0.1), x, y, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_network_optimizer_and_predictive_stay_on_the_gpu():
+    model = bayesbinn_mlp([5, 8, 3], device="cuda")
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    x, y = torch.randn(16, 5, device="cuda"), torch.randint(3, (16,), device="cuda")
+    opt = train_bayesbinn(model, x, y, epochs=1, batch_size=8, progress=False)
+    opt.posterior_as_prior_()
+    assert opt.state[split_binary_parameters(model)[0][0]]["prior_lamda"].is_cuda
+    assert bayesbinn_predict_proba(model, opt, x, num_samples=2).is_cuda
+
+
+def test_network_is_built_on_the_device_asked_for():
+    model = bayesbinn_mlp([5, 8, 3], device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
