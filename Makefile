@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint docs bench clean mutate
+.PHONY: demo test lint docs docs-check bench clean mutate
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,31 @@ test: $(STAMP)
 	$(BIN)/ruff check pyro_bqn tests benchmarks examples
 	$(BIN)/python -m pytest
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+	$(BIN)/python docs/_ext/check_built_site.py site
+
+# Regenerate what the documentation shows from running code: each worked example's printed
+# output (docs/examples/output/) and figures (docs/examples/figures/), and the benchmark's
+# headline figure from the tables of docs/benchmarks.md. `make test` builds from the
+# committed results and runs none of this.
+EXAMPLES := hello quickstart mnist_cnn compare_levels_loo calibration_ood export_network
+docs: $(STAMP)
+	mkdir -p docs/examples/output docs/examples/figures
+	# One thread: the printed numbers do not depend on the machine's core count.
+	for example in $(EXAMPLES); do \
+		echo "examples/$$example.py"; \
+		OMP_NUM_THREADS=1 $(BIN)/python examples/$$example.py --figures docs/examples/figures \
+			> docs/examples/output/$$example.txt || exit 1; \
+	done
+	$(BIN)/python docs/_ext/benchmark_figure.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+	$(BIN)/python docs/_ext/check_built_site.py site
+
+# Not part of CI: open every page of the built site in headless Chromium (apt-get install
+# chromium chromium-driver), fail on console errors, missing images or unrendered maths,
+# and save a screenshot of each page under site/_browser_check/.
+docs-check: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+	$(BIN)/python docs/_ext/browser_check.py site --screenshots site/_browser_check
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py

@@ -2,7 +2,7 @@
 
 Each network is a single quantized linear layer (multinomial logistic regression with
 discrete weights) trained with the sampling-free DeterministicELBO. Discrete networks are
-then drawn from each variational posterior, and ``az.compare`` ranks the three by their
+then drawn from each variational posterior, and `az.compare` ranks the three by their
 PSIS-LOO expected log predictive density (elpd) on the training data.
 
 Read the result with care:
@@ -17,7 +17,7 @@ Read the result with care:
 * As a check that needs no importance sampling, the held-out log predictive density
   (log of the draws' mean p(y | x, network)) on the test split is printed next to it.
 
-Run: ``python examples/compare_levels_loo.py [--dataset digits] [--steps 300]``.
+Run: `python examples/compare_levels_loo.py [--dataset digits] [--steps 300] [--figures DIR]`.
 """
 
 from __future__ import annotations
@@ -25,18 +25,20 @@ from __future__ import annotations
 import argparse
 import math
 import warnings
+from pathlib import Path
 
 import arviz as az
 import numpy as np
 import pyro
 import torch
+from matplotlib.figure import Figure
 from pyro.infer import SVI
 from pyro.nn import PyroModule
 from scipy.special import logsumexp
 
 from pyro_bqn import levels
 from pyro_bqn.data import load_dataset
-from pyro_bqn.diagnostics import to_inference_data
+from pyro_bqn.diagnostics import save_figure, to_inference_data
 from pyro_bqn.distributions.moment_likelihoods import MomentCategorical
 from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO
 from pyro_bqn.levels import LevelSet
@@ -61,7 +63,7 @@ class QuantizedLogisticRegression(PyroModule):
 
 
 def held_out_lpd(idata: az.InferenceData) -> float:
-    """Mean over test points of ``log mean_s p(y_n | network_s)``, in nats."""
+    """Mean over test points of `log mean_s p(y_n | network_s)`, in nats."""
     log_lik = idata.log_likelihood["obs"].values.reshape(-1, idata.log_likelihood.sizes["data"])
     return float(np.mean(logsumexp(log_lik, axis=0) - math.log(log_lik.shape[0])))
 
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="full-batch SVI steps")
     parser.add_argument("--samples", type=int, default=200, help="networks drawn per model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--figures", type=Path, help="directory for the PNG figure")
     args = parser.parse_args()
     # ArviZ warns about large Pareto k once per call; the table below reports k itself.
     warnings.filterwarnings("ignore", message="Estimated shape parameter of Pareto")
@@ -104,7 +107,13 @@ def main() -> None:
         )
 
     print("\naz.compare (PSIS-LOO on the training data, log scale: higher is better)")
-    print(az.compare(train, ic="loo").round(2).to_string())
+    comparison = az.compare(train, ic="loo")
+    print(comparison.round(2).to_string())
+    if args.figures:
+        ax = Figure(figsize=(6, 2.6), layout="constrained").add_subplot()
+        az.plot_compare(comparison, ax=ax, insample_dev=False)
+        ax.set_title(f"PSIS-LOO on {data.name}: elpd by bit width")
+        save_figure(ax.figure, args.figures / "compare_levels_loo.png")
 
     print("\nPareto k and a held-out check (per data point, nats)")
     print(f"{'model':>8}  {'0.7<k<inf':>9}  {'k = inf':>8}  {'elpd_loo/n':>10}  {'test lpd/n':>10}")

@@ -1,7 +1,10 @@
 """The README's example: a ternary Bayesian network on scikit-learn's 8x8 digits.
 
-    python examples/quickstart.py
+    python examples/quickstart.py [--figures DIR]
 """
+
+import argparse
+from pathlib import Path
 
 import pyro
 import torch
@@ -31,7 +34,7 @@ class Classifier(PyroModule):
             return pyro.sample("obs", MomentCategorical(logits=logits), obs=y)
 
 
-def main() -> None:
+def main(figures: Path | None = None) -> None:
     pyro.set_rng_seed(0)
     data = load_digits()
     model = Classifier(data.num_features, data.num_classes)
@@ -48,7 +51,20 @@ def main() -> None:
     report = pyro_bqn.diagnostics.calibration_report(probs, data.y_test)
     print({key: round(value, 4) for key, value in report.items()})
     assert torch.allclose(probs.sum(-1), torch.ones(len(probs)))
+    if figures:  # a reliability diagram and each layer's posterior over the levels
+        from pyro_bqn.diagnostics import (
+            plot_posterior_summary,
+            posterior_summary,
+            reliability_diagram,
+            save_figure,
+        )
+
+        save_figure(reliability_diagram(probs, data.y_test), figures / "quickstart_reliability.png")
+        summary = plot_posterior_summary(posterior_summary(guide))
+        save_figure(summary, figures / "quickstart_posterior.png")
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--figures", type=Path, help="directory for the PNG figures")
+    main(parser.parse_args().figures)
