@@ -109,3 +109,13 @@ def test_double_backticks_may_wrap_a_line_but_not_a_paragraph(collection, render
     text = "``a\nb`` and ``c``\n\n``d``"
     converted = _convert(collection, rendered, "pyro_bqn.levels", text)
     assert converted == "`a\nb` and `c`\n\n`d`"
+
+
+def test_maths_in_a_list_item_is_indented_into_it(collection, rendered):
+    text = _convert(collection, rendered, "pyro_bqn.nn.relu.ReLU")
+    assert "\n\n    $$\n    E = \\mu\\Phi(a) + s\\phi(a)," in text
+
+
+def test_site_check_finds_untypeset_maths(tmp_path):
+    (tmp_path / "index.html").write_text("<p>$$ E = mc^2 $$</p>", encoding="utf-8")
+    assert len(check_built_site.raw_markup(tmp_path)) == 2

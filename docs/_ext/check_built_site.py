@@ -3,8 +3,9 @@
 Run by ``make test`` after ``mkdocs build --strict``: ``python docs/_ext/check_built_site.py
 site``. It reads every HTML page of the built site (not the search index) and reports each
 raw Sphinx role (``:class:`` ...), double backtick, ``.. math::`` directive, literal-block
-marker (a paragraph ending in ``::``) or raw ``**References**`` heading, with its page and
-context. The griffe extension ``docs/_ext/sphinx_roles.py`` is what keeps this list empty.
+marker (a paragraph ending in ``::``), raw ``**References**`` heading or untypeset ``$$``
+maths, with its page and context. The griffe extension ``docs/_ext/sphinx_roles.py`` is
+what keeps this list empty.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ RAW_PATTERNS = {
     "reST directive": re.compile(r"\.\. [a-z-]+::"),
     "literal-block marker": re.compile(r"::</p>"),
     "raw bold markup": re.compile(r"\*\*References\*\*"),
+    # arithmatex turns $$...$$ into \[...\] for KaTeX; a $$ left in the page is untypeset.
+    "untypeset maths": re.compile(r"\$\$"),
 }
 
 

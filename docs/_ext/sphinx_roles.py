@@ -68,6 +68,12 @@ def _fence(block: list[str], indent: int, language: str) -> list[str]:
     return [f"{pad}```{language}", *(pad + line if line else "" for line in body), f"{pad}```"]
 
 
+def _block_indent(base: int) -> int:
+    """Indentation of a block inside a paragraph indented by ``base``: a reST list item's
+    body is indented by 2, but Markdown nests a block in a list item only at 4."""
+    return 4 if 0 < base < 4 else base
+
+
 def _language(block: list[str]) -> str:
     code = textwrap.dedent("\n".join(block)).strip()
     if code.startswith(">>>"):
@@ -104,9 +110,9 @@ def _convert_blocks(text: str) -> str:
             end = _block_end(lines, i + 1, base)
             inline = stripped.removeprefix(".. math::").strip()
             body = textwrap.dedent("\n".join(lines[i + 1 : end])).strip("\n")
-            pad = " " * base
-            out += [pad + "$$", *(pad + row for row in (inline + "\n" + body).strip().splitlines())]
-            out += [pad + "$$"]
+            pad = " " * _block_indent(base)
+            rows = (inline + "\n" + body).strip().splitlines()
+            out += ["", pad + "$$", *(pad + row for row in rows), pad + "$$", ""]
             i = end
             continue
         if stripped.endswith("::") and i + 1 < len(lines) and not lines[i + 1].strip():
@@ -115,7 +121,8 @@ def _convert_blocks(text: str) -> str:
                 head = stripped[:-2].rstrip()
                 if head:
                     out.append(" " * base + head + ":")
-                out += ["", *_fence(lines[i + 1 : end], base, _language(lines[i + 1 : end]))]
+                block = lines[i + 1 : end]
+                out += ["", *_fence(block, _block_indent(base), _language(block))]
                 i = end
                 continue
         if stripped == "**References**":
