@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import sys
@@ -54,8 +53,11 @@ NETWORKS = {
 }
 
 
-def _resident_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process, in bytes. (The
+    ``ru_maxrss`` of a spawned process starts at its parent's size when it forked.)"""
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return int(next(line for line in lines if line.startswith(field + ":")).split()[1]) * 1024
 
 
 def _worker(rank: int, world_size: int, port: int, job: dict, results: Path) -> None:
@@ -68,9 +70,9 @@ def _worker(rank: int, world_size: int, port: int, job: dict, results: Path) -> 
     )
     torch.set_num_threads(job["threads"])
     device = init_from_environment(resolve_device(job["device"]))
-    before = _resident_bytes()
+    before = _status_bytes("VmRSS")
     data = load_idx(job["idx"])
-    loaded = _resident_bytes() - before
+    loaded = _status_bytes("VmRSS") - before
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     model = QuantizedClassifier(NETWORKS[job["network"]])
@@ -86,7 +88,7 @@ def _worker(rank: int, world_size: int, port: int, job: dict, results: Path) -> 
         progress=False,
         device=device,
     )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
     if device.type == "cuda":
         peak_device = torch.cuda.max_memory_allocated(device)
     else:
@@ -131,9 +133,11 @@ def main() -> None:
     counts = [int(n) for n in args.nproc.split(",")]
     with tempfile.TemporaryDirectory() as idx:
         write_full_size_idx_dir(Path(idx))
-        print(f"# 60,000-image IDX set; device {args.device}; {os.cpu_count()} CPU cores, "
-              f"{args.threads} thread(s) per process; {args.batch} images per process and "
-              f"step; torch {torch.__version__}")
+        print(
+            f"# 60,000-image IDX set; device {args.device}; {os.cpu_count()} CPU cores, "
+            f"{args.threads} thread(s) per process; {args.batch} images per process and "
+            f"step; torch {torch.__version__}"
+        )
         for network in NETWORKS:
             images = getattr(args, f"images_{network}")
             job = {"device": args.device, "idx": idx, "network": network, "images": images,

@@ -15,17 +15,19 @@ from pyro_bqn.data import load_idx
 from pyro_bqn.data.loading import EpochBatches, batch_loader
 from tests.data.idx_files import FULL_SIZE, write_full_size_idx_dir
 
-# Measured in a fresh process: the test process's own high-water mark says nothing.
+# Measured in a fresh process, by its own high-water mark (VmHWM, reset by exec; the
+# ru_maxrss of a child starts at its parent's size when it forked).
 _MEASURE = """
-import json, os, resource, sys
+import json, os, sys
 from pyro_bqn.data import load_idx
 
-def resident():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def status(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
-before = resident()
+before = status("VmRSS")
 ds = load_idx(sys.argv[1])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 floats = sum(t.numel() * t.element_size() for t in (ds.x_train, ds.x_val, ds.x_test))
 print(json.dumps({"growth": peak - before, "float_bytes": floats}))
 """
@@ -38,7 +40,7 @@ def full_size(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc (Linux)")
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 def test_loading_holds_one_float_copy(full_size: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-c", _MEASURE, str(full_size)],
