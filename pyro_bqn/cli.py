@@ -254,6 +254,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=0.2,
         help="share of the training data held out for --tune (default 0.2)",
     )
+    _add_continual_parser(commands)
     return parser
 
 
@@ -671,6 +672,143 @@ def _bench(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _add_continual_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "continual", help="learn a stream of tasks one after the other: accuracy matrix, forgetting"
+    )
+    _add_training_arguments(parser)
+    # The settings docs/continual.md measured with (chosen on the validation split).
+    parser.set_defaults(epochs=3, hidden="100,100", levels="binary", kl_weight=1.0)
+    parser.add_argument(
+        "--tasks",
+        default="permuted:5",
+        help="permuted:T (pixel permutations, 10 classes) or split:T (digit pairs, a shared "
+        "two-class head); default permuted:5",
+    )
+    parser.add_argument(
+        "--methods", default="all", help="comma-separated subset of the methods, or all"
+    )
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument(
+        "--strength",
+        type=_number(float, 0, 1e6, low_open=True),
+        default=1.0,
+        help="prior strength: the previous posterior's natural parameters times this (default 1)",
+    )
+    parser.add_argument(
+        "--floor",
+        type=_number(float, 0, 1, low_open=True),
+        default=1e-3,
+        help="share of the uniform prior mixed into each carried categorical, in (0, 1) "
+        "(default 1e-3)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="override one setting of one method, e.g. bayesbinn:lr=0.1 (repeatable)",
+    )
+    parser.add_argument(
+        "--evaluate",
+        choices=("test", "val"),
+        default="test",
+        help="score on the test split, or on a validation split held out of the training "
+        "data (to choose settings); default test",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=_number(float, 0, 0.5, low_open=True),
+        default=0.2,
+        help="share of the training data held out with --evaluate val (default 0.2)",
+    )
+    parser.add_argument(
+        "--task-seed",
+        type=_number(int, 0, MAX_SEED),
+        default=0,
+        help="seed of the pixel permutations (the same tasks for every --seeds)",
+    )
+
+
+def _continual_settings(items: Sequence[str], defaults: dict[str, dict[str, float]]) -> dict:
+    """``--set METHOD:KEY=VALUE`` items as ``{method: {key: value}}``."""
+    settings: dict[str, dict[str, float]] = {}
+    for item in items:
+        method, _, assignment = item.partition(":")
+        key, equals, value = assignment.partition("=")
+        if method not in defaults or not equals or key not in defaults[method]:
+            known = "; ".join(f"{m}: {', '.join(keys)}" for m, keys in defaults.items())
+            raise UsageError(f"--set must be METHOD:KEY=VALUE with one of {known}, got {item!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise UsageError(f"--set {item!r}: {value!r} is not a number") from None
+        if not (math.isfinite(number) and number > 0):
+            raise UsageError(f"--set {item!r}: the value must be a positive finite number")
+        settings.setdefault(method, {})[key] = number
+    return settings
+
+
+def _continual(args: argparse.Namespace) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from pyro_bqn.continual import (
+        DEFAULT_SETTINGS,
+        METHODS,
+        ContinualConfig,
+        run_stream,
+        write_report,
+    )
+    from pyro_bqn.data.tasks import task_stream
+
+    seeds = _distinct(args.seeds, "--seeds", _seed)
+    methods = list(METHODS) if args.methods == "all" else _distinct(args.methods, "--methods", str)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UsageError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    if args.floor >= 1:
+        raise UsageError(f"--floor must be below 1, got {args.floor}")
+    if args.device != "cpu":
+        raise UsageError(f"--device: continual runs on the cpu only, got {args.device!r}")
+    settings = _continual_settings(args.set, DEFAULT_SETTINGS)
+    levels = parse_levels(args.levels)
+    split = {"val_fraction": args.val_fraction} if args.evaluate == "val" else {}
+    data = _load(args.dataset, **split)
+    try:
+        tasks = task_stream(data, args.tasks, seed=args.task_seed)
+    except ValueError as error:
+        raise UsageError(f"--tasks: {error}") from None
+    config = ContinualConfig(
+        architecture=_architecture(args, tasks[0], levels),
+        levels=levels,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        kl_weight=args.kl_weight,
+        strength=args.strength,
+        floor=args.floor,
+        prior=_prior(args, levels),
+        settings=settings,
+        evaluate_on=args.evaluate,
+    )
+    output = OutputFolder(args.output, overwrite=args.overwrite)
+    output.prepare()
+    runs = []
+    total = len(seeds) * len(methods) * len(tasks)
+    with tqdm(total=total, desc="continual", unit="task", disable=args.no_progress) as bar:
+        for seed in seeds:
+            for method in methods:
+                bar.set_postfix(method=method, seed=seed)
+                runs.append(run_stream(method, config, tasks, seed, on_task=bar.update))
+    title = (
+        f"{args.dataset}, {args.tasks}, {'-'.join(map(str, config.architecture.sizes))}, "
+        f"{len(seeds)} seeds"
+    )
+    rows = write_report(runs, output.staging, config, title)
+    output.commit()
+    print((args.output / "continual.md").read_text())
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -685,6 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = _export(args)
             print((args.run_dir / f"deployment_{args.format}.md").read_text())
             print(f"wrote {args.run_dir / report['file']}")
+        elif args.command == "continual":
+            _continual(args)
         else:
             _bench(args)
     except KeyboardInterrupt:
