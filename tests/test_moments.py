@@ -40,6 +40,8 @@ def test_moment_helpers():
     assert split_moments(x) == (x, None)
     m = as_moments(x)
     assert torch.equal(m.var, torch.zeros(4))
+    var = torch.rand(4)
+    assert as_moments(Moments(x, var)).var is var
     pair = Moments(torch.arange(6.0).reshape(2, 3), torch.ones(2, 3))
     torch.testing.assert_close(pair.second_moment, pair.var + pair.mean.square())
     assert pair.reshape(3, 2).shape == (3, 2)

@@ -241,9 +241,46 @@ def test_bernoulli_batch_shape_and_expand_into_a_subclass_instance():
     assert d.batch_shape == (3,)
 
     class Sub(MomentBernoulli):
+        def __init__(self, logits):  # its own __init__: torch then needs the instance given
+            super().__init__(logits)
+
         def expand(self, batch_shape, _instance=None):
             new = self._get_checked_instance(Sub, _instance)
             return super().expand(batch_shape, _instance=new)
 
     expanded = Sub(logits=Moments(torch.randn(3), torch.rand(3))).expand((2, 3))
     assert type(expanded) is Sub and expanded.batch_shape == (2, 3)
+
+
+def test_normal_scale_takes_the_locs_dtype_and_broadcasts_the_batch_shape():
+    loc = Moments(torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+    d = MomentNormal(loc, torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+    assert d.batch_shape == (3,)
+    assert MomentNormal(loc, 0.7).scale.dtype == torch.float64  # a Python float scale
+
+
+def test_normal_validate_args_false_is_kept_through_expand():
+    loc = Moments(torch.zeros(3), torch.ones(3))
+    unchecked = MomentNormal(loc, -1.0, validate_args=False)
+    assert unchecked.expand((2, 3)).batch_shape == (2, 3)
+
+    class Sub(MomentNormal):
+        def __init__(self, loc, scale):
+            super().__init__(loc, scale)
+
+        def expand(self, batch_shape, _instance=None):
+            new = self._get_checked_instance(Sub, _instance)
+            return super().expand(batch_shape, _instance=new)
+
+    assert type(Sub(loc, 1.0).expand((2, 3))) is Sub
+
+
+@pytest.mark.parametrize("var", [None, 0.5])
+def test_predictive_probs_of_3d_logits_are_those_of_each_batch_entry(var):
+    mean = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    logits = mean if var is None else Moments(mean, torch.full_like(mean, var))
+    probs = MomentCategorical(logits=logits).probs
+    # Each batch entry on its own (2-D logits) gives the same probabilities.
+    for i in range(2):
+        torch.testing.assert_close(probs[i], MomentCategorical(logits=logits[i]).probs)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3))
