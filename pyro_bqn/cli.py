@@ -801,7 +801,7 @@ def _continual(args: argparse.Namespace) -> list[dict]:
                 runs.append(run_stream(method, config, tasks, seed, on_task=bar.update))
     title = (
         f"{args.dataset}, {args.tasks}, {'-'.join(map(str, config.architecture.sizes))}, "
-        f"{len(seeds)} seeds"
+        f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
     )
     rows = write_report(runs, output.staging, config, title)
     output.commit()
