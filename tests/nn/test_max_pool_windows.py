@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_bqn.moments import Moments
-from pyro_bqn.nn import MaxPool2d
+from pyro_bqn.nn import AvgPool2d, MaxPool2d
 
 
 @pytest.mark.parametrize(
@@ -27,3 +27,11 @@ def test_a_dilation_of_one_may_be_given_as_a_pair():
     assert MaxPool2d(2, dilation=(1, 1)).kernel_size == (2, 2)
     with pytest.raises(ValueError, match="dilation=1 only"):
         MaxPool2d(2, dilation=(1, 2))
+
+
+@pytest.mark.parametrize("pool", [MaxPool2d, AvgPool2d])
+def test_a_padding_of_zero_may_be_given_as_a_pair(pool):
+    assert pool(2, padding=(0, 0)).kernel_size == (2, 2)
+    for padding in [(1, 0), (0, 1)]:
+        with pytest.raises(ValueError, match="padding=0 only"):
+            pool(2, padding=padding)

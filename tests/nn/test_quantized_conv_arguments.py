@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 
+from pyro_bqn.distributions import QuantizedCategorical
 from pyro_bqn.levels import binary
 from pyro_bqn.nn.quantized_conv import QuantizedConv2d
 
@@ -37,3 +38,14 @@ def test_the_defaults_are_torchs_and_a_unit_bias_prior():
     assert out.shape == (1, 3, 3, 3)  # no padding, stride 1
     prior = nodes["bias"]["fn"].base_dist
     torch.testing.assert_close(prior.scale, torch.ones(3))
+
+
+def test_a_given_prior_and_bias_prior_scale_reach_the_sites():
+    prior = QuantizedCategorical(binary().values, probs=torch.tensor([0.1, 0.9]))
+    layer = QuantizedConv2d(2, 3, 3, levels=binary(), prior=prior, bias_prior_scale=2.5)
+    _, nodes = _sampled(layer, torch.randn(1, 2, 5, 5))
+    torch.testing.assert_close(nodes["bias"]["fn"].base_dist.scale, torch.full((3,), 2.5))
+    weight_prior = nodes["weight"]["fn"]
+    torch.testing.assert_close(
+        weight_prior.log_prob(torch.ones(3, 2, 3, 3)), 54 * torch.tensor(0.9).log()
+    )
