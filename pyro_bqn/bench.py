@@ -314,7 +314,7 @@ def _eqnn(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
 
 def _bayesbinn(config: BenchConfig, data: Dataset, seed: int, settings) -> Trained:
     torch.manual_seed(seed)
-    model = baselines.bayesbinn_network(config.architecture)
+    model = baselines.bayesbinn_network(config.architecture, device=data.x_train.device)
     optimizer, seconds = _timed(
         lambda: baselines.train_bayesbinn(
             model,
