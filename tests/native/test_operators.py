@@ -186,3 +186,18 @@ def test_moment_rules_compile_without_graph_breaks(implementation):
     (expected_grad,) = torch.autograd.grad(expected, theta)
     (got_grad,) = torch.autograd.grad(got, theta)
     torch.testing.assert_close(got_grad, expected_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_operators_run_the_torch_formulas_on_cuda():
+    for op, args in _forward_cases(torch.float32):
+        on_device = [
+            a.detach().cuda().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
+            for a in args
+        ]
+        torch.library.opcheck(op, on_device)
+        expected = op(*args)
+        got = op(*on_device)
+        for g, e in zip(got, expected, strict=True):
+            if e.dtype.is_floating_point:
+                torch.testing.assert_close(g.cpu(), e.detach(), atol=1e-5, rtol=1e-4)
