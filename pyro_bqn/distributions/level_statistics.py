@@ -172,6 +172,11 @@ def _check_backward(theta, levels, mean, lse, by_kernel, *grads) -> None:
                 f"level_statistics_backward: {name} must have shape {tuple(expected)} and "
                 f"dtype {theta.dtype}, got {tuple(tensor.shape)} and {tensor.dtype}"
             )
+        if tensor is not None and tensor.device != theta.device:
+            raise ValueError(
+                f"level_statistics_backward: {name} must be on the logits' device "
+                f"{theta.device}, got {tensor.device}"
+            )
 
 
 def _formulas_backward(
@@ -213,7 +218,10 @@ _backward = native.operator(
     "level_statistics_backward",
     _formulas_backward,
     _kernel_backward,
-    lambda theta, levels, *rest: _native_library(theta, levels),
+    # The kernel reads mean and lse as contiguous arrays (gradients it copies if need be).
+    lambda theta, levels, mean, lse, *rest: (
+        _native_library(theta, levels) if mean.is_contiguous() and lse.is_contiguous() else None
+    ),
     _check_backward,
 )
 

@@ -242,6 +242,8 @@ def _check_backward(mean, var, stats, grad_mean, grad_var) -> None:
             raise ValueError(
                 f"output gradients must have shape {tuple(mean.shape)} and dtype {mean.dtype}"
             )
+    if any(t is not None and t.device != mean.device for t in (stats, grad_mean, grad_var)):
+        raise ValueError(f"batch_norm_moments_backward needs every tensor on device {mean.device}")
 
 
 def _formulas_backward(

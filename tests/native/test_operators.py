@@ -154,6 +154,56 @@ WRONG_ARGUMENTS = {
 }
 
 
+def _on_meta(tensor):
+    """``tensor`` on the meta device: no memory, a null data pointer."""
+    return torch.empty_like(tensor, device="meta")
+
+
+_level_saved = OPS.level_statistics(*_level)
+_norm_stats = OPS.batch_norm_moments(*_norm, 1e-5, False)[2]
+WRONG_ARGUMENTS.update(
+    {
+        "level backward: mean on another device": (
+            OPS.level_statistics_backward,
+            (
+                *_level,
+                _on_meta(_level_saved[0]),
+                _level_saved[4],
+                _level_saved[5],
+                None,
+                None,
+                None,
+                None,
+            ),
+            "device",
+        ),
+        "batch-norm backward: stats on another device": (
+            OPS.batch_norm_moments_backward,
+            (_norm[0], _norm[1], _on_meta(_norm_stats), None, None),
+            "device",
+        ),
+        "batch-norm backward: gradient on another device": (
+            OPS.batch_norm_moments_backward,
+            (_norm[0], _norm[1], _norm_stats, _on_meta(_norm[0]), None),
+            "device",
+        ),
+    }
+)
+
+
+def test_a_broadcast_saved_mean_is_read_as_such(implementation):
+    theta, levels = _level
+    mean, _, _, _, lse, by_kernel = OPS.level_statistics(theta, levels)
+    grads = [torch.randn_like(mean) for _ in range(4)]
+    expected = OPS.level_statistics_backward(theta, levels, mean, lse, by_kernel, *grads)
+    # One value seen N times (stride 0): the kernel would read past it as N values.
+    mean = mean[:1].expand_as(mean)
+    got = OPS.level_statistics_backward(theta, levels, mean, lse, by_kernel, *grads)
+    formulas = level_module._formulas_backward(theta, levels, mean, lse, by_kernel, *grads)
+    torch.testing.assert_close(got, formulas)
+    assert not torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("case", sorted(WRONG_ARGUMENTS))
 def test_wrong_arguments_raise_before_a_kernel_runs(implementation, case):
     op, args, message = WRONG_ARGUMENTS[case]
