@@ -96,6 +96,11 @@ def _check(mean, var, values, thresholds, *rest) -> None:
         )
     if any(t.device != mean.device for t in tensors):
         raise ValueError(f"two_valued_moments needs every tensor on {mean.device}")
+    grads = [g for g in rest[1:] if g is not None]  # the backward pass's output gradients
+    if any(g.shape != mean.shape or g.dtype != mean.dtype for g in grads):
+        raise ValueError(
+            f"output gradients must have shape {tuple(mean.shape)} and dtype {mean.dtype}"
+        )
 
 
 def _formulas_forward(

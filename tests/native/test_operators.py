@@ -177,6 +177,11 @@ WRONG_ARGUMENTS.update(
             ),
             "device",
         ),
+        "two-valued backward: gradient of another shape": (
+            OPS.two_valued_moments_backward,
+            (*_activation, OPS.two_valued_moments(*_activation)[2], _activation[0][:1], None),
+            "output gradients",
+        ),
         "batch-norm backward: stats on another device": (
             OPS.batch_norm_moments_backward,
             (_norm[0], _norm[1], _on_meta(_norm_stats), None, None),
