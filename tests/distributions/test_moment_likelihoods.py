@@ -284,3 +284,21 @@ def test_predictive_probs_of_3d_logits_are_those_of_each_batch_entry(var):
     for i in range(2):
         torch.testing.assert_close(probs[i], MomentCategorical(logits=logits[i]).probs)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3))
+
+
+def test_expected_log_prob_of_plain_and_wrapped_distributions():
+    y = torch.tensor([0.3, -1.0, 2.0])
+    plain = dist.Normal(torch.zeros(3), 2.0)
+    torch.testing.assert_close(expected_log_prob(plain, y), plain.log_prob(y))
+    d = MomentNormal(Moments(torch.zeros(3), torch.ones(3)), 0.5)
+    # .to_event(0) sums nothing; an explicit ExpandedDistribution broadcasts the value's
+    # leading dimensions.
+    torch.testing.assert_close(expected_log_prob(dist.Independent(d, 0), y), d.expected_log_prob(y))
+    wide = torch.stack([y, 2 * y])
+    expanded = expected_log_prob(dist.ExpandedDistribution(d, (3,)), wide)
+    torch.testing.assert_close(expanded, d.expected_log_prob(wide))
+    # Two wrappers deep, the moment likelihood is still found and the wrapper refused.
+    transform = dist.transforms.AffineTransform(0.0, 2.0)
+    nested = dist.TransformedDistribution(d.to_event(1), [transform])
+    with pytest.raises(NotImplementedError, match="TransformedDistribution.*MomentNormal"):
+        expected_log_prob(nested, y)

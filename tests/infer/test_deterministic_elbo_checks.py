@@ -143,3 +143,14 @@ def test_model_latent_marked_auxiliary_in_the_guide_is_refused():
 
     with pytest.raises(ValueError, match="site 'w'.*is_auxiliary"):
         DeterministicELBO().loss(_one_weight_model, guide)
+
+
+@pytest.mark.parametrize(
+    ("labels", "says"),
+    [(torch.zeros(N, 1, dtype=torch.long), r"the value broadcasts to \(16, 16\)"),
+     (torch.zeros(3, dtype=torch.long), "the value does not broadcast")],
+)  # fmt: skip
+def test_the_refusal_says_whether_the_value_broadcasts_and_to_what(labels, says):
+    model, guide, x, _ = _mlp()
+    with pytest.raises(ValueError, match=says):
+        DeterministicELBO().loss(model, guide, x, labels)
