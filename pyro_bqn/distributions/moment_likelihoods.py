@@ -75,6 +75,25 @@ class MomentCategorical(TorchDistribution):
 
     ``batch_shape = logits.shape[:-1]``, ``event_shape = ()``, values in ``{0, ..., C-1}``;
     :meth:`entropy` is that of the predictive.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_bqn import Moments
+        >>> from pyro_bqn.distributions import MomentCategorical
+        >>> logits = Moments(torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.5, 0.5, 0.5]]))
+        >>> likelihood = MomentCategorical(logits)
+        >>> bound = likelihood.expected_log_prob(torch.tensor([0]))  # <= E[log softmax(z)_0]
+        >>> exact = MomentCategorical(logits.mean).log_prob(torch.tensor([0]))  # variance 0
+        >>> bool(bound < exact), likelihood.probs.shape
+        (True, torch.Size([1, 3]))
+
+    **References**
+
+    [1] *Sampling-free learning of Bayesian quantized neural networks*, J. Su, M. Cvitkovic,
+        F. Huang (ICLR 2020)
+    [2] *Uncertainty estimation with infinitesimal jackknife, its distribution and mean-field
+        approximation*, Z. Lu, E. Ie, F. Sha (2020): the mean-field softmax predictive
     """
 
     # Dependent: a tensor or Moments, checked in __init__; infer_shapes reads the event dim.

@@ -106,6 +106,23 @@ class DeterministicELBO(ELBO):
     After each evaluation, :attr:`last_terms` holds the floats
     ``expected_log_likelihood``, ``kl`` and ``elbo`` for logging; :meth:`terms` returns the
     differentiable tensors.
+
+    Example::
+
+        >>> import pyro, torch
+        >>> from pyro_bqn import AutoQuantizedGuide, DeterministicELBO, QuantizedMLP
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> model = QuantizedMLP((4, 8, 3)); guide = AutoQuantizedGuide(model)
+        >>> elbo = DeterministicELBO(kl_weight=1e-2)
+        >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), elbo)
+        >>> losses = [svi.step(x, y) for _ in range(20)]
+        >>> losses[-1] < losses[0], sorted(elbo.last_terms)
+        (True, ['elbo', 'expected_log_likelihood', 'kl'])
+
+    **References**
+
+    [1] *Sampling-free learning of Bayesian quantized neural networks*, J. Su, M. Cvitkovic,
+        F. Huang (ICLR 2020)
     """
 
     def __init__(self, kl_weight: float = 1.0, max_plate_nesting: float = math.inf) -> None:
