@@ -116,9 +116,6 @@ def test_every_method_trains_and_predicts_in_both_architectures(name, kind):
 # --- the method registry ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="docs/benchmarks.md has no entry for the registered method 'chien'"
-)
 def test_every_registered_method_is_described_in_the_docs():
     # docs/benchmarks.md has one "- **name** —" entry per method, and no other.
     text = (Path(__file__).parents[1] / "docs" / "benchmarks.md").read_text()
