@@ -70,7 +70,7 @@ def _bayesian(module_type: type[nn.Module], prior_scale: float):
         scales = {"weight": prior_scale / math.sqrt(fan_in), "bias": prior_scale}
         for name, prior in (("weight", _weight_prior), ("bias", _bias_prior)):
             # The scales are a buffer, so the prior built from them follows layer.to(device).
-            scale = torch.full(getattr(layer, name).shape, float(scales[name]))
+            scale = torch.full_like(getattr(layer, name).detach(), float(scales[name]))
             setattr(layer, name, PyroSample(prior))
             layer.register_buffer(f"{name}_prior_scale", scale)
         return layer
