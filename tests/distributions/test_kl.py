@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pyro.infer import SVI
 from torch.distributions import kl_divergence
 
 from pyro_bqn import levels
@@ -14,6 +15,7 @@ from pyro_bqn.distributions import (
     QuantizedCategorical,
     RelaxedQuantizedCategoricalStraightThrough,
 )
+from pyro_bqn.infer import DeterministicELBO
 
 NUM_SAMPLES = 20_000
 Z = 5.0  # tolerance in standard errors
@@ -335,3 +337,46 @@ def test_categorical_posterior_against_a_slab_warns_once(monkeypatch):
         warnings.simplefilter("error")
         second = kl_divergence(q, wide)  # warned once already
     torch.testing.assert_close(first, second)  # indeed inert
+
+
+def _zero_width_spike_model():
+    prior = MultipleSpikeAndSlab.with_uniform_spikes(levels.ternary(), 0.1, 1.0, spike_scale=0.0)
+    pyro.sample("w", prior.expand((4,)).to_event(1))
+
+
+def _categorical_guide():
+    logits = pyro.param("w_logits", torch.zeros(4, 3))
+    pyro.sample("w", QuantizedCategorical(levels.ternary(), logits=logits).to_event(1))
+
+
+def _kl_of_the_guide_and_prior():
+    q = QuantizedCategorical(levels.ternary(), logits=_logits(4, 3, seed=22))
+    kl_divergence(q, MultipleSpikeAndSlab.with_uniform_spikes(levels.ternary(), 0.1, 1.0))
+
+
+def _svi_step():
+    optimizer = pyro.optim.Adam({"lr": 0.01})
+    SVI(_zero_width_spike_model, _categorical_guide, optimizer, DeterministicELBO()).step()
+
+
+USER_CALLS = {
+    "kl_divergence": _kl_of_the_guide_and_prior,
+    "elbo-loss": lambda: DeterministicELBO().loss(_zero_width_spike_model, _categorical_guide),
+    "svi-step": _svi_step,
+}
+
+
+@pytest.mark.parametrize("call", list(USER_CALLS), ids=str)
+def test_inert_prior_warning_points_at_the_users_code(monkeypatch, call):
+    # The warning names the first frame outside pyro_bqn, Pyro and torch: this file.
+    from pyro_bqn.distributions import InertPriorWarning
+    from pyro_bqn.distributions import kl as kl_module
+
+    monkeypatch.setattr(kl_module, "_WARNED", set())
+    pyro.clear_param_store()
+    with pytest.warns(InertPriorWarning) as record:
+        USER_CALLS[call]()
+    assert [warning.filename for warning in record] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        USER_CALLS[call]()  # once per process
