@@ -33,8 +33,11 @@ N(0, sigma_0^2)`` (``sigma = 0``: point masses):
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 
+import pyro
 import torch
 from torch.distributions import register_kl
 
@@ -50,6 +53,22 @@ class InertPriorWarning(UserWarning):
 
 # Warnings already given in this process (each is given once).
 _WARNED: set[str] = set()
+
+# The folders of pyro_bqn, Pyro and torch: a warning names the first frame outside them.
+_LIBRARY_FOLDERS = tuple(
+    os.path.dirname(path) + os.sep
+    for path in (os.path.dirname(__file__), pyro.__file__, torch.__file__)
+)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a :func:`warnings.warn` in the caller of this function
+    name the first frame outside pyro_bqn, Pyro and torch: the user's line, however deep in
+    an inference loop the warning is raised."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_FOLDERS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_same_levels(
@@ -151,7 +170,7 @@ def _warn_if_slab_is_inert(p: MultipleSpikeAndSlab) -> None:
         "the spikes. Use AutoQuantizedGuide(model, posterior='spike-and-slab') for a "
         "posterior whose slab and spike width they act on.",
         InertPriorWarning,
-        stacklevel=2,
+        stacklevel=_user_stacklevel(),
     )
 
 
