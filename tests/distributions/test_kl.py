@@ -193,13 +193,31 @@ def test_kl_to_an_empty_expanded_prior_is_empty():
     assert kl_divergence(q, prior).shape == (0, 5)
 
 
-def test_kl_broadcast_to_the_prior_is_a_fresh_tensor_in_the_promoted_dtype():
+@pytest.mark.parametrize(
+    "prior_logits", [[0.1, 0.2, 0.3], [0.0, 0.0, 0.0]], ids=["skewed", "uniform"]
+)
+def test_kl_broadcast_to_the_prior_is_a_fresh_tensor_in_the_promoted_dtype(prior_logits):
     ternary = levels.ternary()
     q = QuantizedCategorical(ternary, logits=_logits(5, 3, seed=18))
-    prior = QuantizedCategorical(ternary, logits=torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+    prior = QuantizedCategorical(ternary, logits=torch.tensor(prior_logits, dtype=torch.float64))
     kl = kl_divergence(q, prior.expand((2, 5)))
     assert kl.shape == (2, 5) and kl.dtype == torch.float64
+    log_q, log_p = q.logits.double(), prior.logits.expand(2, 5, 3)
+    expected = (log_q.exp() * (log_q - log_p)).sum(-1)
+    torch.testing.assert_close(kl, expected, atol=1e-6, rtol=1e-5)  # q's float32 rounding
     kl.mul_(2.0)  # writable: not a broadcast view
+
+
+def test_kl_to_a_prior_with_a_unit_batch_dim_equals_the_kl_to_the_unbatched_prior():
+    # A size-1 batch dimension (any stride) shares one row with every weight, as an
+    # unbatched prior does: both take the fused path, so the values agree to the bit.
+    ternary = levels.ternary()
+    q = QuantizedCategorical(ternary, logits=_logits(7, 3, seed=19))
+    prior_logits = _logits(3, seed=23)
+    unbatched = QuantizedCategorical(ternary, logits=prior_logits)
+    unit_batch = QuantizedCategorical(ternary, logits=prior_logits.unsqueeze(0))
+    assert unit_batch.logits.stride(0) != 0
+    assert torch.equal(kl_divergence(q, unit_batch), kl_divergence(q, unbatched))
 
 
 # --- spike-and-slab posterior against the spike-and-slab prior -----------------------------
