@@ -119,8 +119,9 @@ def _shared_prior_kl(q: QuantizedCategorical, log_p: torch.Tensor) -> torch.Tens
     cross = row[0] if uniform else q.probs @ row.to(q.probs.dtype)
     kl = neg_entropy.to(dtype) - cross.to(dtype)
     shape = torch.broadcast_shapes(q.batch_shape, log_p.shape[:-1])
-    # A fresh tensor, as the term-by-term path returns (not a view callers could not write).
-    return kl if kl.shape == shape else kl.expand(shape).contiguous()
+    # A fresh tensor, as the term-by-term path returns (not a view callers could not write);
+    # when kl has the shape already, both are views of it: no copy.
+    return kl.expand(shape).contiguous()
 
 
 def _categorical_kl(q: QuantizedCategorical, log_p: torch.Tensor) -> torch.Tensor:
