@@ -130,3 +130,85 @@ def test_second_derivatives_are_refused(implementation):
     )
     with pytest.raises(RuntimeError, match="no autograd formula"):
         torch.autograd.grad(grad.square().sum(), logits)
+
+
+@pytest.mark.parametrize("num_levels", [2, 16, 17])
+def test_the_kernel_computes_up_to_16_levels(num_levels):
+    # The operator's last output says whether the C kernel computed the statistics: it
+    # does for 2 to 16 levels, whatever the number of weights; torch does beyond.
+    if NATIVE_OFF:
+        pytest.skip("native kernels turned off with PYRO_BQN_NATIVE=0")
+    logits = _random((num_levels, 300), torch.float64, seed=6)
+    levels = torch.linspace(-1.0, 1.0, num_levels, dtype=torch.float64)
+    by_kernel = torch.ops.pyro_bqn.level_statistics(logits, levels)[5]
+    assert bool(by_kernel) == (num_levels <= 16)
+
+
+def test_levels_in_another_dtype_are_taken_in_the_logits_dtype(implementation):
+    logits = _random((3, 20), torch.float64, seed=7)
+    levels = torch.tensor([-1.0, 0.1, 0.7])  # float32
+    stats = level_statistics(logits, levels)
+    for name, got, expected in zip(
+        stats._fields, stats, _reference(logits, levels.double()), strict=True
+    ):
+        assert got.dtype == torch.float64, name
+        torch.testing.assert_close(got, expected, msg=name)
+
+
+def test_gradients_with_non_finite_logits_match_the_definitions(implementation):
+    # The kernel refuses such logits in the forward pass; the backward must not run it either.
+    logits = torch.tensor(
+        [[-torch.inf, 0.5, 0.0], [0.3, 0.0, -torch.inf], [1.0, -torch.inf, 0.2]],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    levels = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    grads = [_random((3,), torch.float64, seed=8 + i) for i in range(4)]
+    (got,) = torch.autograd.grad(level_statistics(logits, levels), logits, grads)
+    # The limit as a logit goes to -inf: at -200 its level's probability (1e-87) and every
+    # term it adds to the gradient are below float64's resolution of the others.
+    finite = torch.where(logits.isinf(), -200.0, logits)
+    (expected,) = torch.autograd.grad(_reference(finite, levels), logits, grads)
+    torch.testing.assert_close(got, expected)
+
+
+def test_strided_gradients_match_contiguous_ones(implementation):
+    # A gradient may arrive as a strided view; the kernel reads a contiguous copy.
+    logits = _random((4, 200), torch.float64, seed=9).requires_grad_()
+    levels = torch.tensor([-1.0, -0.2, 0.5, 1.0], dtype=torch.float64)
+    strided = [_random((400,), torch.float64, seed=10 + i)[::2] for i in range(4)]
+    assert not strided[0].is_contiguous()
+    (got,) = torch.autograd.grad(level_statistics(logits, levels), logits, strided)
+    contiguous = [g.contiguous() for g in strided]
+    (expected,) = torch.autograd.grad(_reference(logits, levels), logits, contiguous)
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_broadcast_gradient_is_read_where_it_lies():
+    # The gradient of a sum is one value seen n times (stride 0): passed as is, at its own
+    # address for every range of weights; any other array is offset to the range.
+    value = torch.tensor([2.5], dtype=torch.float64).expand(1000)
+    array = torch.zeros(1000, dtype=torch.float64)
+    assert level_module._is_broadcast(value) and not level_module._is_broadcast(array)
+    assert level_module._offset(value, 500) == value.data_ptr()
+    assert level_module._offset(array, 500) == array.data_ptr() + 500 * 8
+    assert level_module._offset(None, 500) is None
+
+
+BACKWARD_ARGUMENTS = ("mean", "lse", "g_mean", "g_var", "g_second", "g_negent")
+
+
+@pytest.mark.parametrize("problem", ["shape", "dtype"])
+@pytest.mark.parametrize("name", BACKWARD_ARGUMENTS)
+def test_backward_operator_names_a_bad_argument(monkeypatch, name, problem):
+    # Refused before any work (the torch implementation runs, so that a mutant that let a
+    # bad array through cannot make the kernel read past it).
+    monkeypatch.setattr(level_module, "_native_library", lambda *args: None)
+    theta = _random((3, 5), torch.float64, seed=11)
+    levels = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    arrays = {argument: torch.zeros(5, dtype=torch.float64) for argument in BACKWARD_ARGUMENTS}
+    arrays[name] = torch.zeros(6, dtype=torch.float64) if problem == "shape" else torch.zeros(5)
+    by_kernel = torch.tensor(False)
+    mean, lse, *grads = arrays.values()
+    with pytest.raises(ValueError, match=rf"backward: {name} must have shape \(5,\) and dtype"):
+        torch.ops.pyro_bqn.level_statistics_backward(theta, levels, mean, lse, by_kernel, *grads)
