@@ -52,7 +52,7 @@ def _is_broadcast(tensor: torch.Tensor) -> bool:
     return tensor.dim() == 1 and tensor.stride(0) == 0
 
 
-def _offset(tensor: torch.Tensor | None, begin: int = 0) -> int | None:
+def _offset(tensor: torch.Tensor | None, begin: int) -> int | None:
     """Address of ``tensor``'s entry ``begin`` (of each row, for a levels-first array; a
     broadcast value stays where it is)."""
     if tensor is None:

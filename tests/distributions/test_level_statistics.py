@@ -212,3 +212,17 @@ def test_backward_operator_names_a_bad_argument(monkeypatch, name, problem):
     mean, lse, *grads = arrays.values()
     with pytest.raises(ValueError, match=rf"backward: {name} must have shape \(5,\) and dtype"):
         torch.ops.pyro_bqn.level_statistics_backward(theta, levels, mean, lse, by_kernel, *grads)
+
+
+def test_the_library_is_loaded_only_with_the_kernels_it_calls(monkeypatch):
+    # A cached library without them (a foreign or interrupted build) must be rebuilt, so
+    # load is told every function the operator will call.
+    asked = []
+
+    def load(name, symbols=()):
+        asked.append((name, set(symbols)))
+
+    monkeypatch.setattr(native, "load", load)
+    level_statistics(torch.zeros(3, 4), torch.tensor([-1.0, 0.0, 1.0]))
+    kernels = {f"level_statistics_{d}_{t}" for d in ("forward", "backward") for t in "fd"}
+    assert asked and all(name == "level_statistics" and kernels <= got for name, got in asked)
