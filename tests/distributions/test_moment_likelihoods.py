@@ -167,7 +167,16 @@ def test_plain_categorical_receiving_moments_points_to_the_right_class():
         dist.Categorical(logits=Moments(torch.randn(3, 4), torch.rand(3, 4)))
 
 
+def test_categorical_on_one_vector_of_logits_has_an_empty_batch_shape():
+    logits = torch.tensor([0.5, -1.0, 2.0])
+    d = MomentCategorical(logits=logits)
+    assert d.batch_shape == () and d.probs.shape == (3,)
+    torch.testing.assert_close(d.expected_log_prob(torch.tensor(2)), logits.log_softmax(-1)[2])
+
+
 def test_bad_inputs_are_reported():
+    with pytest.raises(ValueError, match="at least one dimension"):
+        MomentCategorical(logits=torch.tensor(0.5))
     with pytest.raises(ValueError, match="logits must be finite"):
         MomentCategorical(logits=torch.tensor([[0.0, float("nan")]]))
     with pytest.raises(ValueError, match="scale"):
@@ -223,32 +232,59 @@ def test_bernoulli_predictive_log_prob_is_the_log_of_its_probs():
     torch.testing.assert_close(d.log_prob(zeros), (1 - d.probs).log())
 
 
-@pytest.mark.parametrize(("make", "shape"), [(MomentBernoulli, (3,)), (MomentCategorical, (3, 2))])
-def test_validate_args_is_kept_through_expand(make, shape):
-    logits = Moments(torch.randn(shape), torch.rand(shape))
-    bad = torch.tensor([0.5, 0.5, 0.5])  # neither a class index nor a boolean
-    assert make(logits=logits, validate_args=False).expected_log_prob(bad).shape == (3,)
+VALIDATED = {  # a likelihood of batch shape (3,) and a value outside its support
+    "bernoulli": (
+        lambda check: MomentBernoulli(Moments(torch.randn(3), torch.rand(3)), check),
+        torch.tensor([0.5, 0.5, 0.5]),  # not a boolean
+    ),
+    "categorical": (
+        lambda check: MomentCategorical(Moments(torch.randn(3, 2), torch.rand(3, 2)), check),
+        torch.tensor([0.5, 0.5, 0.5]),  # not a class index
+    ),
+    "normal": (
+        lambda check: MomentNormal(Moments(torch.randn(3), torch.rand(3)), 1.0, check),
+        torch.tensor([0.0, math.nan, 1.0]),  # not a real number
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(VALIDATED))
+def test_validate_args_is_kept_through_expand(kind):
+    make, bad = VALIDATED[kind]
+    assert make(False).expected_log_prob(bad).shape == (3,)
     with pytest.raises(ValueError, match="support"):
-        make(logits=logits, validate_args=True).expected_log_prob(bad)
-    checked = make(logits=logits, validate_args=True).expand((4, 3))
+        make(True).expected_log_prob(bad)
+    checked = make(True).expand((4, 3))
     assert checked.batch_shape == (4, 3)
     with pytest.raises(ValueError, match="support"):
         checked.expected_log_prob(bad)
 
 
-def test_bernoulli_batch_shape_and_expand_into_a_subclass_instance():
+def test_bernoulli_batch_shape():
     d = MomentBernoulli(logits=Moments(torch.randn(3), torch.rand(3)))
     assert d.batch_shape == (3,)
 
-    class Sub(MomentBernoulli):
-        def __init__(self, logits):  # its own __init__: torch then needs the instance given
-            super().__init__(logits)
+
+@pytest.mark.parametrize(
+    ("cls", "args"),
+    [
+        (MomentBernoulli, lambda: (Moments(torch.randn(3), torch.rand(3)),)),
+        (MomentCategorical, lambda: (Moments(torch.randn(3, 4), torch.rand(3, 4)),)),
+        (MomentNormal, lambda: (Moments(torch.randn(3), torch.rand(3)), 1.0)),
+    ],
+    ids=["bernoulli", "categorical", "normal"],
+)
+def test_expand_into_a_subclass_instance(cls, args):
+    # torch's protocol: a subclass with its own __init__ hands its instance to expand.
+    class Sub(cls):
+        def __init__(self, *args):
+            super().__init__(*args)
 
         def expand(self, batch_shape, _instance=None):
             new = self._get_checked_instance(Sub, _instance)
             return super().expand(batch_shape, _instance=new)
 
-    expanded = Sub(logits=Moments(torch.randn(3), torch.rand(3))).expand((2, 3))
+    expanded = Sub(*args()).expand((2, 3))
     assert type(expanded) is Sub and expanded.batch_shape == (2, 3)
 
 
@@ -263,16 +299,6 @@ def test_normal_validate_args_false_is_kept_through_expand():
     loc = Moments(torch.zeros(3), torch.ones(3))
     unchecked = MomentNormal(loc, -1.0, validate_args=False)
     assert unchecked.expand((2, 3)).batch_shape == (2, 3)
-
-    class Sub(MomentNormal):
-        def __init__(self, loc, scale):
-            super().__init__(loc, scale)
-
-        def expand(self, batch_shape, _instance=None):
-            new = self._get_checked_instance(Sub, _instance)
-            return super().expand(batch_shape, _instance=new)
-
-    assert type(Sub(loc, 1.0).expand((2, 3))) is Sub
 
 
 @pytest.mark.parametrize("var", [None, 0.5])
@@ -297,6 +323,13 @@ def test_expected_log_prob_of_plain_and_wrapped_distributions():
     wide = torch.stack([y, 2 * y])
     expanded = expected_log_prob(dist.ExpandedDistribution(d, (3,)), wide)
     torch.testing.assert_close(expanded, d.expected_log_prob(wide))
+    # Around an event dimension, the value's event dims are not batch dims.
+    events = expected_log_prob(dist.ExpandedDistribution(d.to_event(1), (2,)), wide)
+    torch.testing.assert_close(events, d.expected_log_prob(wide).sum(-1))
+    # A wrapper chain with no moment likelihood in it is the plain log_prob: log-normal.
+    positive = y.exp()
+    log_normal = -((y - 0.2) ** 2) / (2 * 0.7**2) - math.log(0.7 * math.sqrt(2 * math.pi)) - y
+    torch.testing.assert_close(expected_log_prob(dist.LogNormal(0.2, 0.7), positive), log_normal)
     # Two wrappers deep, the moment likelihood is still found and the wrapper refused.
     transform = dist.transforms.AffineTransform(0.0, 2.0)
     nested = dist.TransformedDistribution(d.to_event(1), [transform])
