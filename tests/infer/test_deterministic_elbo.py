@@ -8,7 +8,7 @@ from pyro import poutine
 from pyro.infer import SVI
 from pyro.nn import PyroModule
 
-from pyro_bqn.distributions.moment_likelihoods import MomentCategorical
+from pyro_bqn.distributions.moment_likelihoods import MomentCategorical, MomentNormal
 from pyro_bqn.infer import AutoQuantizedGuide, DeterministicELBO, predict, predictive_distribution
 from pyro_bqn.moments import MomentRuleError
 from pyro_bqn.nn.quantized_linear import QuantizedLinear
@@ -247,6 +247,60 @@ def test_layer_called_inside_the_data_plate_is_explained():
 def test_kl_weight_is_validated(bad):
     with pytest.raises(ValueError, match="kl_weight"):
         DeterministicELBO(kl_weight=bad)
+
+
+def test_kl_weight_zero_leaves_the_expected_log_likelihood():
+    model, guide, x, y = _setup()
+    elbo = DeterministicELBO(kl_weight=0)
+    assert elbo.last_terms == {}  # nothing evaluated yet
+    loss = elbo.loss(model, guide, x, y)
+    assert elbo.last_terms["kl"] > 0
+    assert loss == -elbo.last_terms["expected_log_likelihood"] == -elbo.last_terms["elbo"]
+    assert elbo.num_particles == 1  # it draws nothing: one deterministic "particle"
+
+
+def _normal_latent_model(*, loc):
+    pyro.sample("w", dist.Normal(0.0, 1.0))
+
+
+def _normal_latent_guide(*, loc):
+    pyro.sample("w", dist.Normal(loc, 1.0))
+
+
+def test_keyword_arguments_reach_the_model_and_the_guide():
+    # KL(N(loc, 1) || N(0, 1)) = loc^2 / 2, the whole loss of a model with no observation.
+    loss = DeterministicELBO().loss(_normal_latent_model, _normal_latent_guide, loc=0.6)
+    assert math.isclose(loss, 0.18, rel_tol=1e-6)
+
+
+def test_max_plate_nesting_is_honoured():
+    def model():
+        with pyro.plate("rows", 2, dim=-2), pyro.plate("columns", 3, dim=-1):
+            pyro.sample("obs", MomentNormal(torch.zeros(2, 3), 1.0), obs=torch.zeros(2, 3))
+
+    # Six observations at their mean: 6 * log N(0; 0, 1).
+    loss = DeterministicELBO(max_plate_nesting=2).loss(model, lambda: None)
+    assert math.isclose(loss, 3 * math.log(2 * math.pi), rel_tol=1e-6)
+    with pytest.raises(ValueError, match="site 'obs'.*plate stack overflow"):
+        DeterministicELBO(max_plate_nesting=1).loss(model, lambda: None)
+
+
+def test_retain_graph_is_honoured():
+    # A guide parameter computed outside the ELBO: its graph is freed by the ELBO's backward
+    # unless Pyro's retain_graph attribute asks to keep it.
+    raw = torch.tensor(0.3, requires_grad=True)
+    loc = raw.exp()
+    elbo = DeterministicELBO()
+    elbo.retain_graph = True
+    elbo.loss_and_grads(_normal_latent_model, _normal_latent_guide, loc=loc)
+    loc.backward()  # a second backward through the retained graph
+    # d/draw of (the ELBO's loc^2 / 2, then loc) = loc^2 + loc.
+    torch.testing.assert_close(raw.grad, loc.detach().square() + loc.detach())
+    elbo.retain_graph = None
+    loc = raw.exp()
+    elbo.loss_and_grads(_normal_latent_model, _normal_latent_guide, loc=loc)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loc.backward()
 
 
 def test_svi_learns_a_synthetic_classification_problem():
