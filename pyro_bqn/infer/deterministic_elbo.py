@@ -159,13 +159,10 @@ class DeterministicELBO(ELBO):
         """The differentiable ``expected_log_likelihood``, ``kl`` and ``elbo`` (scalars)."""
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
         model_latents = _latent_sites(model_trace)
-        all_guide_latents = _latent_sites(guide_trace)
-        self._check_guide_sites(model_latents, all_guide_latents)
-        guide_latents = {
-            name: site
-            for name, site in all_guide_latents.items()
-            if not site["infer"].get("is_auxiliary")
-        }
+        # Checked: the guide's auxiliary sites are no model latents, so the KL loop below,
+        # which looks up the model's latents, never reads them.
+        guide_latents = _latent_sites(guide_trace)
+        self._check_guide_sites(model_latents, guide_latents)
 
         observed = [
             site

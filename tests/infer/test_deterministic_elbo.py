@@ -273,6 +273,15 @@ def test_keyword_arguments_reach_the_model_and_the_guide():
     assert math.isclose(loss, 0.18, rel_tol=1e-6)
 
 
+def test_an_auxiliary_guide_site_adds_no_kl():
+    def guide(*, loc):
+        pyro.sample("aux", dist.Normal(2.0, 1.0), infer={"is_auxiliary": True})
+        _normal_latent_guide(loc=loc)
+
+    loss = DeterministicELBO().loss(_normal_latent_model, guide, loc=0.6)
+    assert math.isclose(loss, 0.18, rel_tol=1e-6)
+
+
 def test_max_plate_nesting_is_honoured():
     def model():
         with pyro.plate("rows", 2, dim=-2), pyro.plate("columns", 3, dim=-1):
