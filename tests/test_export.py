@@ -78,11 +78,25 @@ def test_pack_round_trips_in_numpy_packbits_layout(bits, count):
     assert np.array_equal(packed.numpy(), expected)
 
 
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.uint64],
+    ids=str,
+)
+def test_pack_takes_indices_of_every_integer_dtype(dtype):
+    indices = torch.tensor([5, 0, 7, 2, 6])
+    packed = pack_indices(indices.to(dtype), 3)
+    # 101 000 111 010 110 (+ 0 padding) = 10100011 10101100
+    assert packed.tolist() == [0b10100011, 0b10101100]
+
+
 def test_pack_and_unpack_refuse_bad_input():
     with pytest.raises(ValueError, match="fit 2 bits"):
         pack_indices(torch.tensor([0, 4]), 2)
     with pytest.raises(ValueError, match="integer"):
         pack_indices(torch.tensor([0.0, 1.0]), 2)
+    with pytest.raises(ValueError, match="integer"):
+        pack_indices(torch.tensor([True, False]), 1)
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
         unpack_indices(torch.zeros(3, dtype=torch.uint8), 2, 5)
     with pytest.raises(ValueError, match="uint8"):
@@ -317,6 +331,8 @@ def test_packed_site_stores_off_level_weights_as_a_sparse_full_precision_list():
          "levels' torch.float32"),
         (torch.tensor([1, 2], dtype=torch.int32), torch.tensor([0.5]), "one shape"),
         (torch.tensor([2, 1], dtype=torch.int32), torch.tensor([0.5, 0.6]), "strictly increasing"),
+        (torch.tensor([1, 1], dtype=torch.int32), torch.tensor([0.5, 0.6]), "strictly increasing"),
+        (torch.tensor([0, 2, 1]), torch.tensor([0.5, 0.6, 0.7]), "strictly increasing"),
         (torch.tensor([4], dtype=torch.int32), torch.tensor([0.5]), r"in \[0, 4\)"),
         (torch.tensor([0], dtype=torch.int32), torch.tensor([math.nan]), "finite"),
     ],
