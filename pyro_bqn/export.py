@@ -134,6 +134,12 @@ def unpack_indices(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (stream[: count * bits].view(count, bits) << _msb_first(bits)).sum(-1)
 
 
+def _position_dtype(numel: int) -> torch.dtype:
+    """The dtype of the outlier positions of a weight with ``numel`` entries: ``int32`` (the
+    file format's) where ``numel`` fits in it, else ``int64``."""
+    return torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
+
+
 def _no_outliers() -> torch.Tensor:
     return torch.zeros(0, dtype=torch.int32)
 
@@ -209,13 +215,12 @@ class PackedSite:
         nearest = torch.bucketize(flat, thresholds, right=True)
         indices = torch.where(on_level, matches.to(torch.int64).argmax(-1), nearest)
         position = (~on_level).nonzero().squeeze(-1)
-        dtype = torch.int32 if flat.numel() <= torch.iinfo(torch.int32).max else torch.int64
         bits = index_bits(levels.shape[0])
         return cls(
             pack_indices(indices, bits),
             levels,
             weights.shape,
-            outlier_index=position.to(dtype),
+            outlier_index=position.to(_position_dtype(flat.numel())),
             outlier_values=flat[position].clone(),
         )
 

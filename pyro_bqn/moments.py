@@ -87,7 +87,7 @@ class Moments:
         return self.mean.dim()
 
     def size(self, dim: int | None = None) -> torch.Size | int:
-        return self.mean.size() if dim is None else self.mean.size(dim)
+        return self.mean.size(dim)  # torch.Size for dim=None, as Tensor.size
 
     @property
     def second_moment(self) -> torch.Tensor:

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
@@ -9,7 +10,7 @@ from pyro.infer import SVI
 
 from pyro_bqn import levels as qlevels
 from pyro_bqn.checkpoint import save_checkpoint
-from pyro_bqn.distributions import MomentCategorical
+from pyro_bqn.distributions import MomentCategorical, MomentNormal
 from pyro_bqn.export import (
     PackedSite,
     QuantizedNetwork,
@@ -78,11 +79,25 @@ def test_pack_round_trips_in_numpy_packbits_layout(bits, count):
     assert np.array_equal(packed.numpy(), expected)
 
 
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.uint64],
+    ids=str,
+)
+def test_pack_takes_indices_of_every_integer_dtype(dtype):
+    indices = torch.tensor([5, 0, 7, 2, 6])
+    packed = pack_indices(indices.to(dtype), 3)
+    # 101 000 111 010 110 (+ 0 padding) = 10100011 10101100
+    assert packed.tolist() == [0b10100011, 0b10101100]
+
+
 def test_pack_and_unpack_refuse_bad_input():
     with pytest.raises(ValueError, match="fit 2 bits"):
         pack_indices(torch.tensor([0, 4]), 2)
     with pytest.raises(ValueError, match="integer"):
         pack_indices(torch.tensor([0.0, 1.0]), 2)
+    with pytest.raises(ValueError, match="integer"):
+        pack_indices(torch.tensor([True, False]), 1)
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
         unpack_indices(torch.zeros(3, dtype=torch.uint8), 2, 5)
     with pytest.raises(ValueError, match="uint8"):
@@ -115,6 +130,7 @@ def test_export_packs_the_argmax_levels_with_the_expected_size(level_set):
         assert site.nbytes == math.ceil(argmax.numel() * bits / 8)
     assert network.bits_per_weight() == dict.fromkeys(network.quantized, bits)
     _assert_same_tensors(network.weights(), median)
+    assert network.batch_norm == "model"
     assert list(network.continuous) == ["body.4.bias"]
 
     stored = [s.packed for s in network.quantized.values()]
@@ -216,6 +232,97 @@ def test_reestimated_batch_norm_statistics_are_the_networks_own_and_the_model_is
     assert torch.equal(network.run(run.model, run.x), _conditioned_probs(run.model, weights, run.x))
 
 
+@pytest.mark.parametrize(
+    ("n", "options", "num_batches"),
+    [(513, {}, 3), (200, {"batch_size": 100}, 2)],
+    ids=["default-256", "batch_size-100"],
+)
+def test_batch_norm_statistics_are_reestimated_in_batches_of_batch_size(n, options, num_batches):
+    run = trained_mlp()
+    x, _ = linear_classes(n, SIZES[0], SIZES[-1], seed=2)
+    network = export_network(run.model, run.guide, run.x, batch_norm_data=x, **options)
+    # n splits into num_batches equal batches; the statistics are the mean over the batches
+    # of the batch norm input's batch mean and unbiased batch variance.
+    hidden = x @ run.guide.median()["body.1.weight"].T
+    batches = hidden.view(num_batches, n // num_batches, SIZES[1])
+    assert network.buffers["body.2.num_batches_tracked"] == num_batches
+    torch.testing.assert_close(network.buffers["body.2.running_mean"], batches.mean(1).mean(0))
+    torch.testing.assert_close(network.buffers["body.2.running_var"], batches.var(1).mean(0))
+
+
+class KeywordMLP(QuantizedMLP):
+    """A QuantizedMLP that takes its labels as a required keyword argument."""
+
+    def forward(self, x, *, labels):
+        return super().forward(x, labels)
+
+
+def test_keyword_arguments_reach_every_run_of_the_model():
+    x, y = linear_classes(24, SIZES[0], SIZES[-1], seed=1)
+    model = KeywordMLP(SIZES)
+    guide = AutoQuantizedGuide(model)  # never run: the export sets it up from the example
+    network = export_network(model, guide, x, labels=y)
+    median = guide.median()
+    _assert_same_tensors(network.weights(), median)
+
+    probs = network.run(model, x, labels=y)
+    assert torch.equal(network.distribution(model, x, labels=y).probs, probs)
+    model.eval()
+    with torch.no_grad():
+        trace = poutine.trace(poutine.condition(model, median)).get_trace(x, labels=y)
+    assert torch.equal(probs, trace.nodes["obs"]["fn"].probs)
+
+
+def _noisy_regression(x, y=None):
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    noise = pyro.param("noise", torch.tensor(1.0))  # unconstrained: the store's tensor itself
+    with pyro.plate("data", x.shape[0]):
+        return pyro.sample("obs", MomentNormal(x @ w, noise), obs=y)
+
+
+def test_a_distribution_holding_the_models_tensors_keeps_the_networks_values():
+    # The likelihood's noise scale is a view of the param store's tensor, which the run sets
+    # to the network's 0.5 and then restores to the model's 1.
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    _noisy_regression(x)
+    network = QuantizedNetwork(
+        {}, continuous={"w": torch.tensor([0.5, -0.25])}, params={"noise": torch.tensor(0.5)}
+    )
+    fn = network.distribution(_noisy_regression, x)
+    assert pyro.param("noise").item() == 1.0
+    assert torch.equal(fn.scale, torch.tensor([0.5, 0.5]))
+    assert torch.equal(fn.mean, torch.tensor([0.0, 1.75]))  # x @ w
+
+
+class PreprocessedMLP(pyro.nn.PyroModule):
+    """A QuantizedMLP behind a plain torch module (not a PyroModule), e.g. preprocessing."""
+
+    def __init__(self):
+        super().__init__()
+        self.preprocess = torch.nn.Identity()
+        self.mlp = QuantizedMLP(SIZES)
+
+    def forward(self, x, y=None):
+        return self.mlp(self.preprocess(x), y)
+
+
+def test_a_plain_torch_module_does_not_hide_a_fresh_models_batch_norm_affine():
+    # As above, with the batch norm after a plain module in the model's module order.
+    x, y = linear_classes(48, SIZES[0], SIZES[-1], seed=1)
+    model = PreprocessedMLP()
+    guide = AutoQuantizedGuide(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), DeterministicELBO())
+    for _ in range(10):
+        svi.step(x, y)
+    network = export_network(model, guide, x)
+    assert not torch.allclose(network.params["mlp.body.2.weight"], torch.ones(SIZES[1]))
+    expected = network.run(model, x)
+
+    fresh = PreprocessedMLP()
+    fresh(x)
+    assert torch.equal(network.run(fresh, x), expected)
+
+
 # --- bad inputs -----------------------------------------------------------------------------
 
 
@@ -270,10 +377,16 @@ def test_running_on_a_model_that_does_not_fit_names_the_site_parameter_or_buffer
     missing_bias = QuantizedNetwork(network.quantized, {}, network.params, network.buffers)
     with pytest.raises(ValueError, match=r"'body\.4\.bias' has no value"):
         missing_bias.run(run.model, run.x)
-    with pytest.raises(ValueError, match="no sample site 'nope'"):
+    with pytest.raises(
+        ValueError,
+        match=r"no sample site 'nope'; its sample sites: \['body\.1\.weight', 'body\.4\.weight', "
+        r"'body\.4\.bias', 'data', 'obs'\]",
+    ):
         network.run(run.model, run.x, site="nope")
     with pytest.raises(ValueError, match="batch_norm must be one of"):
         QuantizedNetwork(network.quantized, batch_norm="moments")
+    with pytest.raises(ValueError, match="'body.4.weight' is given both as quantized and as"):
+        QuantizedNetwork(network.quantized, {"body.4.weight": network.weights()["body.4.weight"]})
 
 
 def test_running_on_a_model_declared_with_other_fixed_levels_is_refused(tmp_path):
@@ -317,6 +430,8 @@ def test_packed_site_stores_off_level_weights_as_a_sparse_full_precision_list():
          "levels' torch.float32"),
         (torch.tensor([1, 2], dtype=torch.int32), torch.tensor([0.5]), "one shape"),
         (torch.tensor([2, 1], dtype=torch.int32), torch.tensor([0.5, 0.6]), "strictly increasing"),
+        (torch.tensor([1, 1], dtype=torch.int32), torch.tensor([0.5, 0.6]), "strictly increasing"),
+        (torch.tensor([0, 2, 1]), torch.tensor([0.5, 0.6, 0.7]), "strictly increasing"),
         (torch.tensor([4], dtype=torch.int32), torch.tensor([0.5]), r"in \[0, 4\)"),
         (torch.tensor([0], dtype=torch.int32), torch.tensor([math.nan]), "finite"),
     ],

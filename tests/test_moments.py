@@ -26,6 +26,7 @@ def test_site_moments_carry_shape_but_refuse_arithmetic():
     mean, var = torch.randn(3, 2, requires_grad=True), torch.rand(3, 2)
     w = SiteMoments(mean, var)
     assert w.shape == (3, 2) and w.dim() == 2 and w.dtype == mean.dtype
+    assert w.size(1) == 2 and w.size(dim=0) == 3  # metadata ops keep their keyword arguments
     assert split_moments(w)[0] is mean and split_moments(w)[1] is var
     with pytest.raises(MomentRuleError, match="SiteMoments.*linear"):
         F.linear(torch.randn(4, 2), w)
@@ -81,6 +82,12 @@ def test_a_symmetric_two_valued_activation_carries_c_equal_to_its_value_squared(
     expanded = per_entry.expand((2, 3))
     assert expanded.constant_second_moment is None
     torch.testing.assert_close(expanded.second_moment, torch.arange(3.0).expand(2, 3))
+    # Without a stored second moment, E[x^2] = var + mean^2 of the broadcast pair.
+    plain = Moments(torch.tensor([[1.0, -2.0, 0.5]]), torch.tensor([[0.25, 1.0, 4.0]]))
+    expanded = plain.expand((2, 3))
+    assert expanded.constant_second_moment is None
+    assert torch.equal(expanded.mean, plain.mean.expand(2, 3))
+    torch.testing.assert_close(expanded.second_moment, torch.tensor([[1.25, 5.0, 4.25]] * 2))
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""The bins behind ECE and MCE: their default number, length, dtype and edge handling."""
+"""The bins behind ECE and MCE: their default number, length, dtype, device and edge
+handling."""
 
 import torch
 
@@ -51,3 +52,19 @@ def test_float64_confidences_are_binned_against_float64_edges():
     bins = calibration_bins(probs, torch.tensor([0]), num_bins=10)
     assert bins.edges.dtype == torch.float64
     assert bins.counts.tolist() == [0, 1] + [0] * 8
+
+
+def test_the_bins_are_built_beside_the_inputs_whatever_the_default_device():
+    # A user may set another default device (torch.set_default_device("cuda")) and still pass
+    # CPU probabilities; every tensor the bins are built from must follow the inputs. "meta"
+    # stands in for that other device on a machine with only a CPU.
+    probs, y = _random_predictions()
+    expected = calibration_bins(probs, y, num_bins=10)
+    expected_ece = expected_calibration_error(probs, y, num_bins=10)
+    with torch.device("meta"):
+        bins = calibration_bins(probs, y, num_bins=10)
+        ece = expected_calibration_error(probs, y, num_bins=10)
+    for name, tensor in bins._asdict().items():
+        assert tensor.device == probs.device, name
+        torch.testing.assert_close(tensor, getattr(expected, name), equal_nan=True)
+    assert ece.device == probs.device and ece == expected_ece
