@@ -139,15 +139,15 @@ def _formulas_backward(
     clamped = var.clamp_min(floor)
     sigma = clamped.sqrt()
     u = (thresholds[0] - mean) / sigma
-    z = u.clamp(-_Z_MAX, _Z_MAX)
+    # Inside the clip z = u, and outside it the gradient is cut (where an infinite u still
+    # makes dL/dvar NaN, as in autograd): u serves for z throughout.
     step = values[1] - values[0]
     g_z = torch.zeros_like(mean)
     if g_out_mean is not None:
         g_z = g_z - step * g_out_mean
     if g_out_var is not None:
-        g_z = g_z + step.square() * (normal_cdf(-z) - normal_cdf(z)) * g_out_var
-    g_u = torch.where(u.abs() <= _Z_MAX, normal_pdf(z) * g_z, 0.0)
-    # u, not z: where the clip cuts the gradient, an infinite u makes it NaN, as in autograd.
+        g_z = g_z + step.square() * (normal_cdf(-u) - normal_cdf(u)) * g_out_var
+    g_u = torch.where(u.abs() <= _Z_MAX, normal_pdf(u) * g_z, 0.0)
     g_var = torch.where(var >= floor, -g_u * u / (2 * clamped), 0.0)
     return -g_u / sigma, g_var
 
