@@ -649,3 +649,11 @@ def test_gradients_at_the_variance_floor_are_autograds(implementation, dtype):
     expected = _outputs_and_gradients(_reference, mean, var, values, thresholds)
     assert (got[3] != 0).all()
     _assert_all_close(got, expected, dtype)
+
+
+def test_each_implementation_computes_where_it_says(implementation):
+    # The operator's third output flags a kernel computation; the torch case must not run it.
+    mean, var = _moment_inputs((3, 4), torch.float64, seed=24)
+    levels = _values(torch.float64, asymmetric=True)
+    _, _, by_kernel = torch.ops.pyro_bqn.two_valued_moments(mean, var, *levels)
+    assert by_kernel.item() == (implementation == "native")
