@@ -120,8 +120,14 @@ def _kernel_forward(library, mean, var, values, thresholds):
     return out_mean, out_var, mean.new_ones((), dtype=torch.bool)
 
 
+def _library(*args) -> ctypes.CDLL | None:
+    # Looks _native_library up at each call, so that replacing it (as the tests do to run
+    # the torch formulas) reaches both operators.
+    return _native_library(*args)
+
+
 _forward = native.operator(
-    "two_valued_moments", _formulas_forward, _kernel_forward, _native_library, _check
+    "two_valued_moments", _formulas_forward, _kernel_forward, _library, _check
 )
 
 
@@ -139,15 +145,15 @@ def _formulas_backward(
     clamped = var.clamp_min(floor)
     sigma = clamped.sqrt()
     u = (thresholds[0] - mean) / sigma
-    z = u.clamp(-_Z_MAX, _Z_MAX)
+    # Inside the clip z = u, and outside it the gradient is cut (where an infinite u still
+    # makes dL/dvar NaN, as in autograd): u serves for z throughout.
     step = values[1] - values[0]
     g_z = torch.zeros_like(mean)
     if g_out_mean is not None:
         g_z = g_z - step * g_out_mean
     if g_out_var is not None:
-        g_z = g_z + step.square() * (normal_cdf(-z) - normal_cdf(z)) * g_out_var
-    g_u = torch.where(u.abs() <= _Z_MAX, normal_pdf(z) * g_z, 0.0)
-    # u, not z: where the clip cuts the gradient, an infinite u makes it NaN, as in autograd.
+        g_z = g_z + step.square() * (normal_cdf(-u) - normal_cdf(u)) * g_out_var
+    g_u = torch.where(u.abs() <= _Z_MAX, normal_pdf(u) * g_z, 0.0)
     g_var = torch.where(var >= floor, -g_u * u / (2 * clamped), 0.0)
     return -g_u / sigma, g_var
 
@@ -163,7 +169,7 @@ def _kernel_backward(library, mean, var, values, thresholds, by_kernel, *grads):
 
 
 _backward = native.operator(
-    "two_valued_moments_backward", _formulas_backward, _kernel_backward, _native_library, _check
+    "two_valued_moments_backward", _formulas_backward, _kernel_backward, _library, _check
 )
 
 

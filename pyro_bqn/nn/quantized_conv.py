@@ -75,7 +75,6 @@ class QuantizedConv2d(QuantizedLayer):
             bias_prior_scale,
         )
         self.in_channels = in_channels
-        self.out_channels = out_channels
         self.kernel_size = kernel
         self._conv = partial(
             F.conv2d,

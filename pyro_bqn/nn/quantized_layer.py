@@ -111,7 +111,7 @@ def _weight_site_prior(layer: QuantizedLayer) -> TorchDistributionMixin:
     level_set = layer.levels
     values = level_set.values
     prior = layer.checked_prior(layer.weight_prior(level_set), level_set, values)
-    return prior.expand(layer.weight_shape).to_event(len(layer.weight_shape))
+    return prior.expand(layer.weight_shape).to_event()
 
 
 def _bias_site_prior(layer: QuantizedLayer) -> TorchDistributionMixin:
@@ -119,7 +119,7 @@ def _bias_site_prior(layer: QuantizedLayer) -> TorchDistributionMixin:
     the layer's levels (so it follows ``model.to(...)``)."""
     like = layer.levels.values.detach()
     loc = like.new_zeros(layer.out_channels)
-    return dist.Normal(loc, layer.bias_prior_scale).to_event(1)
+    return dist.Normal(loc, layer.bias_prior_scale).to_event()
 
 
 class QuantizedLayer(PyroModule):

@@ -498,3 +498,132 @@ def test_second_derivatives_are_refused():
     (grad,) = torch.autograd.grad(out_mean.square().sum(), mean, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         grad.square().sum().backward()
+
+
+# --- Arguments, operator outputs and edge cases ----------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_moment_mode_without_running_statistics_matches_tensor_mode(case):
+    # track_running_stats=False: batch statistics in training and in evaluation, no buffers.
+    ours_cls, _, shape = CASES[case]
+    gen = torch.Generator().manual_seed(4)
+    by_tensor = ours_cls(shape[1], track_running_stats=False).double()
+    _randomize_affine(by_tensor, gen)
+    by_moments = ours_cls(shape[1], track_running_stats=False).double()
+    by_moments.load_state_dict(by_tensor.state_dict())
+    for training in (True, False):
+        by_tensor.train(training)
+        by_moments.train(training)
+        x = 2 * torch.randn(shape, generator=gen, dtype=torch.float64) - 1
+        out = by_moments(Moments(x, torch.zeros_like(x)))
+        torch.testing.assert_close(out.mean, by_tensor(x), atol=1e-12, rtol=0.0)
+    assert by_moments.running_mean is None and by_moments.num_batches_tracked is None
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_one_value_per_channel_is_refused_in_training(track):
+    # As torch's batch norm refuses it in tensor mode, with or without running statistics.
+    module = BatchNorm1d(3, track_running_stats=track)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        module(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        module(Moments(torch.zeros(1, 3), torch.ones(1, 3)))
+
+
+def _bad_arguments():
+    mean, var = torch.zeros(4, 3, dtype=torch.float64), torch.ones(4, 3, dtype=torch.float64)
+    weight = torch.ones(3, dtype=torch.float64)
+    return {
+        # var larger than mean: no read past a buffer even if the check were missing.
+        "var-shape": ((mean, torch.ones(8, 3, dtype=torch.float64), None, None), "one shape"),
+        "one-dim": ((mean[0], var[0], None, None), "one shape"),
+        "weight-shape": ((mean, var, torch.ones(4, dtype=torch.float64), None),
+                         r"weight must have shape \(3,\)"),
+        "bias-shape": ((mean, var, weight, torch.ones(2, dtype=torch.float64)),
+                       r"bias must have shape \(3,\)"),
+        "var-dtype": ((mean, var.float(), None, None), "floating-point tensors"),
+        "bias-dtype": ((mean, var, weight, weight.float()), "floating-point tensors"),
+        "integer": ((mean.long(), var.long(), None, None), "floating-point tensors"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_bad_arguments()))
+def test_invalid_arguments_are_refused_before_any_work(name):
+    arguments, message = _bad_arguments()[name]
+    with pytest.raises(ValueError, match=message):
+        batch_norm_moments(*arguments, 1e-5)
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_operator_batch_statistics_are_zero_unless_tracked(implementation, track):
+    # The operator's fourth output, (m, within + n / (n - 1) between) per channel, feeds the
+    # running statistics; untracked it is (2, C) zeros on either path.
+    mean, var, weight, bias = (t.detach() for t in _moment_inputs((5, 3, 4), torch.float64, 25))
+    *_, stats, batch = torch.ops.pyro_bqn.batch_norm_moments(mean, var, weight, bias, 1e-5, track)
+    assert stats.shape == (3, 3)
+    if not track:
+        assert torch.equal(batch, torch.zeros(2, 3, dtype=torch.float64))
+        return
+    dims = [0, 2]
+    count = 5 * 4
+    between = (mean - mean.mean(dims, keepdim=True)).square().mean(dims)
+    expected = torch.stack([mean.mean(dims), var.mean(dims) + between * count / (count - 1)])
+    torch.testing.assert_close(batch, expected, **TOLERANCES[torch.float64])
+
+
+def test_backward_operator_refuses_output_gradients_of_another_shape():
+    # Larger than the input: the kernel could not read past a buffer if the check failed.
+    mean, var, weight, bias = (t.detach() for t in _moment_inputs((6, 3), torch.float64, 26))
+    _, _, stats, _ = torch.ops.pyro_bqn.batch_norm_moments(mean, var, weight, bias, 1e-5, False)
+    bad = torch.ones(12, 3, dtype=torch.float64)
+    backward = torch.ops.pyro_bqn.batch_norm_moments_backward
+    with pytest.raises(ValueError, match="output gradients must have shape"):
+        backward(mean, var, stats, bad, None)
+    with pytest.raises(ValueError, match="output gradients must have shape"):
+        backward(mean, var, stats, None, bad)
+    with pytest.raises(ValueError, match="output gradients must have shape"):
+        backward(mean, var, stats, torch.ones(6, 3), None)
+
+
+def test_gradients_of_one_sample_per_channel_match_finite_differences(implementation):
+    # n = 1 is refused for running statistics only; without them it normalises to beta.
+    inputs = _moment_inputs((1, 3), torch.float64, seed=27)
+    assert torch.autograd.gradcheck(lambda *t: batch_norm_moments(*t, 1e-3), inputs)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (2, 3, 0)])
+def test_an_empty_batch_gives_empty_outputs_and_gradients(implementation, shape):
+    mean, var, weight, bias = _moment_inputs(shape, torch.float64, seed=28)
+    out_mean, out_var = batch_norm_moments(mean, var, weight, bias, 1e-5)
+    assert out_mean.shape == out_var.shape == shape
+    g_mean, g_var, g_bias = torch.autograd.grad(out_mean.sum() + out_var.sum(), (mean, var, bias))
+    assert g_mean.shape == g_var.shape == shape
+    assert torch.equal(g_bias, torch.zeros(3, dtype=torch.float64))
+
+
+def test_beta_gets_no_gradient_through_the_variance_alone(implementation):
+    # As autograd of the plain formulas: beta does not reach s2', so it is reported unused.
+    inputs = _moment_inputs((5, 3), torch.float64, seed=29)
+    _, out_var = batch_norm_moments(*inputs, 1e-5)
+    got = torch.autograd.grad(out_var.sum(), inputs, allow_unused=True)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    _, plain_var, _, _ = bn_module._formulas_forward(*leaves, 1e-5, False)
+    expected = torch.autograd.grad(plain_var.sum(), leaves, allow_unused=True)
+    assert got[3] is None and expected[3] is None
+    for g, e in zip(got[:3], expected[:3], strict=True):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10)
+
+
+def test_float32_backward_sums_are_accumulated_in_double():
+    # An output gradient of large entries that cancel (+-1e6) around small ones: its sum,
+    # dL/dbeta, keeps float32 rounding when summed in double; a float32 sum loses ~1 %.
+    _native_only()
+    n = 40000
+    gen = torch.Generator().manual_seed(30)
+    mean, var, weight, bias = _moment_inputs((n, 2), torch.float32, seed=30)
+    pattern = torch.tensor([1e6, 1.0, -1e6, 1.0]).repeat(n // 4).unsqueeze(1)
+    grad = pattern + 1e-3 * torch.randn(n, 2, generator=gen)
+    out_mean, _ = batch_norm_moments(mean, var, weight, bias, 1e-5)
+    (g_bias,) = torch.autograd.grad(out_mean, bias, grad)
+    torch.testing.assert_close(g_bias.double(), grad.double().sum(0), atol=0.0, rtol=1e-6)

@@ -80,3 +80,18 @@ def test_gaussian_max_gradients_are_finite_for_extreme_inputs(dtype, var_value):
     (out_mean.sum() + out_var.sum()).backward()
     for leaf in (mean0, mean1, var0, var1):
         assert torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gaussian_max_of_far_apart_constants_stays_finite(dtype):
+    # |beta| = |mean0 - mean1| / sqrt(floor) overflows beta^2 (1e10 / 3e-10 in float32,
+    # 1e100 / 1e-77 in float64): the clip at 40 keeps the variance 0, not inf * 0.
+    gap = 1e10 if dtype == torch.float32 else 1e100
+    mean0 = torch.tensor([gap, -gap], dtype=dtype, requires_grad=True)
+    mean1 = torch.zeros(2, dtype=dtype, requires_grad=True)
+    var = torch.zeros(2, dtype=dtype, requires_grad=True)
+    out_mean, out_var = gaussian_max(mean0, var, mean1, var)
+    assert out_mean.tolist() == [gap, 0.0] and out_var.tolist() == [0.0, 0.0]
+    (out_mean.sum() + out_var.sum()).backward()
+    assert mean0.grad.tolist() == [1.0, 0.0] and mean1.grad.tolist() == [0.0, 1.0]
+    assert torch.isfinite(var.grad).all()

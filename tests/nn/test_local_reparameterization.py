@@ -184,3 +184,32 @@ def test_bad_temperatures_are_refused(bad):
 
 def test_extra_repr_names_the_temperature():
     assert "temperature=0.5" in repr(RelaxedSign(0.5))
+
+
+def test_the_sample_is_the_mean_plus_the_standard_deviation_times_global_noise():
+    # h = mu + s * eps with eps from torch's global generator: seeded, the draw is fixed.
+    mean, var, _ = _grid()
+    pyro.set_rng_seed(3)
+    h = LocalReparameterization()(Moments(mean, var))
+    pyro.set_rng_seed(3)
+    eps = torch.randn(mean.shape, dtype=mean.dtype)
+    torch.testing.assert_close(h, mean + var.sqrt() * eps, atol=1e-12, rtol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relaxed_sign_sample_is_the_documented_transform_of_its_uniform_draw(monkeypatch, dtype):
+    # a = tanh((l + L) / (2 tau)), L = log U - log(1 - U), U clamped to [eps, 1 - eps]: a draw
+    # U = 0 (possible from rand_like) gives finite noise, and a gradient for tau.
+    mean, var, _ = _grid(dtype)
+    draws = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99], dtype=dtype)
+    monkeypatch.setattr(torch, "rand_like", lambda like: draws.clone())
+    tau = torch.tensor(10.0, dtype=dtype, requires_grad=True)
+    a = relaxed_sign_sample(mean, var, tau)
+    eps = torch.finfo(dtype).eps
+    clamped = draws.double().clamp(eps, 1 - eps)
+    noise = clamped.log() - (-clamped).log1p()
+    expected = torch.tanh((sign_logit(mean, var).double() + noise) / 20.0)
+    torch.testing.assert_close(a.double(), expected, atol=1e-6 if dtype == torch.float32 else 1e-12,
+                               rtol=0.0)
+    (grad,) = torch.autograd.grad(a.sum(), tau)
+    assert torch.isfinite(grad)

@@ -10,7 +10,7 @@ from pyro_bqn import native
 from pyro_bqn.levels import learnable, ternary, uniform
 from pyro_bqn.moments import Moments
 from pyro_bqn.nn import QuantizedActivation, Sign
-from pyro_bqn.nn.gaussian import normal_cdf
+from pyro_bqn.nn.gaussian import normal_cdf, variance_floor
 from pyro_bqn.nn.quantized_activation import quantized_activation_moments
 from tests.mc import assert_mean_var_match
 
@@ -262,15 +262,17 @@ def test_two_valued_kernel_matches_for_any_levels(
     _assert_all_close(got, expected, dtype)
 
 
-@pytest.mark.parametrize("learnable_levels", [False, True])
-def test_two_valued_gradients_match_finite_differences(implementation, learnable_levels):
+@pytest.mark.parametrize("learnable", ["none", "values", "thresholds", "both"])
+def test_two_valued_gradients_match_finite_differences(implementation, learnable):
     gen = torch.Generator().manual_seed(3)
     # Variances well above the floor and standard scores inside the clip: finite
     # differences of step 1e-6 must not cross either guard.
     mean = torch.randn(3, 4, generator=gen, dtype=torch.float64).requires_grad_()
     var = (0.2 + torch.rand(3, 4, generator=gen, dtype=torch.float64)).requires_grad_()
-    values = torch.tensor([-0.6, 1.3], dtype=torch.float64, requires_grad=learnable_levels)
-    thresholds = torch.tensor([0.2], dtype=torch.float64, requires_grad=learnable_levels)
+    values = torch.tensor([-0.6, 1.3], dtype=torch.float64,
+                          requires_grad=learnable in ("values", "both"))
+    thresholds = torch.tensor([0.2], dtype=torch.float64,
+                              requires_grad=learnable in ("thresholds", "both"))
     assert torch.autograd.gradcheck(quantized_activation_moments, (mean, var, values, thresholds))
 
 
@@ -579,3 +581,79 @@ def test_tensor_mode_uses_learned_thresholds_without_a_gradient_for_them():
     assert torch.equal(out.detach(), torch.tensor([-1.0, 0.0, 0.0, 1.0]))
     out.sum().backward()
     assert act.learned_thresholds.first.grad is None
+
+
+# --- dtypes, the operator's argument checks, the variance floor ------------------------------
+
+
+def test_values_and_thresholds_are_checked_and_stored_in_the_default_dtype():
+    # Like the parameters of a torch module: .double() / .to() choose the precision.
+    act = QuantizedActivation(values=torch.tensor([-1.0, 0.0, 2.0], dtype=torch.float64),
+                              thresholds=torch.tensor([-0.5, 1.0], dtype=torch.float64))
+    default = torch.get_default_dtype()
+    assert act.values.dtype == act.thresholds.dtype == default
+    assert all(t.dtype == default for t in act.state_dict().values())
+    # Distinct in float64, equal in float32: refused, naming the argument.
+    close = torch.tensor([-1.0, 1.0, 1.0 + 1e-9], dtype=torch.float64)
+    with pytest.raises(ValueError, match="values must not contain duplicate values"):
+        QuantizedActivation(values=close)
+    with pytest.raises(ValueError, match="thresholds must be sorted in strictly increasing"):
+        QuantizedActivation(values=[-1.0, 0.0, 1.0, 2.0], thresholds=close)
+
+
+@pytest.mark.parametrize("levels", [[-1.0, 1.0], [-1.0, 0.0, 2.0]], ids=["two", "three"])
+@pytest.mark.parametrize("module_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float64])
+def test_outputs_have_the_input_dtype(levels, module_dtype, input_dtype):
+    act = QuantizedActivation(values=levels).to(module_dtype)
+    mean, var = _moment_inputs((3, 5), input_dtype, seed=21)
+    out = act(Moments(mean, var))
+    assert out.mean.dtype == out.var.dtype == input_dtype
+    assert act(mean).dtype == input_dtype
+
+
+def test_levels_of_another_dtype_are_converted_to_the_inputs():
+    mean, var = _moment_inputs((4, 6), torch.float64, seed=22)
+    values, thresholds = _values(torch.float32, asymmetric=True)
+    got = quantized_activation_moments(mean, var, values, thresholds)
+    expected = _reference(mean, var, values.double(), thresholds.double())
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize(
+    "position, dtype",
+    [(1, torch.float32), (2, torch.float32), (3, torch.float32), (0, torch.int64)],
+    ids=["var", "values", "thresholds", "integer-mean"],
+)
+def test_operator_refuses_tensors_of_mixed_or_integer_dtypes(position, dtype):
+    mean, var = _moment_inputs((5,), torch.float64, seed=23)
+    arguments = [mean, var, *_values(torch.float64, asymmetric=True)]
+    arguments[position] = arguments[position].to(dtype)
+    if dtype == torch.int64:  # all integer: one dtype, but not floating point
+        arguments = [t.to(dtype) for t in arguments]
+    with pytest.raises(ValueError, match="floating-point tensors of one dtype"):
+        torch.ops.pyro_bqn.two_valued_moments(*arguments)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_at_the_variance_floor_are_autograds(implementation, dtype):
+    # A variance exactly at the floor is not cut: the gradient of var is autograd's for the
+    # torch formulas (clamp_min passes the gradient where var >= floor).
+    floor = variance_floor(dtype)
+    mean = torch.tensor([-1.5, -0.3, 0.2, 1.0], dtype=dtype) * floor**0.5
+    var = torch.full((4,), floor, dtype=dtype)
+    values, thresholds = _values(dtype, asymmetric=False)
+    got = _outputs_and_gradients(quantized_activation_moments, mean, var, values, thresholds)
+    expected = _outputs_and_gradients(_reference, mean, var, values, thresholds)
+    assert (got[3] != 0).all()
+    _assert_all_close(got, expected, dtype)
+
+
+def test_each_implementation_computes_where_it_says(implementation):
+    # The operator's third output flags a kernel computation; the torch case must not run it.
+    mean, var = _moment_inputs((3, 4), torch.float64, seed=24)
+    levels = _values(torch.float64, asymmetric=True)
+    _, _, by_kernel = torch.ops.pyro_bqn.two_valued_moments(mean, var, *levels)
+    assert by_kernel.item() == (implementation == "native")

@@ -20,7 +20,7 @@ from pyro_bqn.levels import binary, learnable, ternary, uniform
 from pyro_bqn.moments import Moments, SiteMoments
 from pyro_bqn.nn.gaussian import normal_cdf
 from pyro_bqn.nn.quantized_conv import QuantizedConv2d
-from pyro_bqn.nn.quantized_layer import propagate
+from pyro_bqn.nn.quantized_layer import QuantizedLayer, add_bias, propagate
 from pyro_bqn.nn.quantized_linear import QuantizedLinear
 from pyro_bqn.priors import SpikeAndSlabPrior, base_distribution
 from tests.infer.models import linear_classes
@@ -317,11 +317,12 @@ def test_an_override_may_give_each_output_its_own_prior():
 @pytest.mark.parametrize(
     "override, match",
     [
-        (lambda self, levels: pyro.distributions.Normal(0.0, 1.0), "distribution over levels"),
+        (lambda self, levels: pyro.distributions.Normal(0.0, 1.0),
+         r"^Custom\.weight_prior must return a distribution over levels"),
         (lambda self, levels: QuantizedCategorical(levels, logits=torch.zeros(3, 3, 3)),
-         r"broadcasts to the weight shape \(2, 4\)"),
+         r"^Custom\.weight_prior .* broadcasts to the weight shape \(2, 4\)"),
         (lambda self, levels: QuantizedCategorical(levels.values, logits=torch.zeros(3)),
-         "on the layer's level set itself"),
+         r"^Custom\.weight_prior must build the prior on the layer's level set itself"),
     ],
     ids=["not-levels", "batch-shape", "copy-of-learnable-values"],
 )
@@ -407,3 +408,129 @@ def test_learned_asymmetric_levels_beat_fixed_uniform_levels():
     learned = level_set.values.detach()
     assert learned[-1] > 1.5  # the level that 2.0 needs
     assert (learned.diff() > 0).all()
+
+
+# --- what a layer computes with, and its arguments ------------------------------------------
+
+
+def _recording(op, first_shapes):
+    """``op``, noting the shape of its first argument at each call."""
+
+    def recorded(x, w):
+        first_shapes.append(tuple(x.shape))
+        return op(x, w)
+
+    return recorded
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_constant_second_moment_saves_a_product_over_the_batch(kind, monkeypatch):
+    # propagate's rule for E[x^2] = c: the mean and op(s, E[W]^2) over the batch, and
+    # op(1, Var[W]) on a single example of ones, in place of a third product over the batch.
+    gen = torch.Generator().manual_seed(5)
+    shapes = []
+    if kind == "linear":
+        layer = QuantizedLinear(7, 4, levels=ternary(), bias=False)
+        x_shape, w_shape = (5, 7), (4, 7)
+        monkeypatch.setattr(F, "linear", _recording(F.linear, shapes))
+        plain = F.linear
+    else:
+        layer = QuantizedConv2d(2, 3, 3, padding=1, levels=ternary(), bias=False)
+        x_shape, w_shape = (4, 2, 5, 5), (3, 2, 3, 3)
+        plain = layer._conv
+        layer._conv = _recording(layer._conv, shapes)
+    x = _pm_one_inputs(x_shape, gen)
+    w = _weight_posterior(ternary(), w_shape, gen)
+    weight = SiteMoments(w.mean, w.variance)
+    out = pyro.poutine.condition(layer.double(), data={"weight": weight})(x)
+    assert shapes == [x_shape, x_shape[1:], x_shape]
+    shapes.clear()
+    # The general rule, by hand: op(m^2, Var[W]) + op(s, E[W^2]).
+    expected = plain(x.mean.square(), w.variance) + plain(x.var, w.variance + w.mean.square())
+    torch.testing.assert_close(out.mean, plain(x.mean, w.mean))
+    torch.testing.assert_close(out.var, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_constant_second_moment_with_fixed_weights_uses_the_general_rule():
+    gen = torch.Generator().manual_seed(6)
+    x = _pm_one_inputs((5, 7), gen)
+    w = torch.randn(4, 7, generator=gen, dtype=torch.float64)
+    out = propagate(F.linear, x, w, feature_dims=1)
+    torch.testing.assert_close(out.var, F.linear(x.var, w.square()))
+
+
+def test_a_sampled_network_propagates_input_moments():
+    # Fixed weight and bias (drawn, or the most probable network) on moment inputs.
+    layer = QuantizedLinear(3, 2)
+    weight, bias = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]]), torch.tensor([0.5, -0.5])
+    x = Moments(torch.randn(5, 3), torch.rand(5, 3))
+    out = pyro.poutine.condition(layer, data={"weight": weight, "bias": bias})(x)
+    assert isinstance(out, Moments)
+    torch.testing.assert_close(out.mean, F.linear(x.mean, weight, bias))
+    torch.testing.assert_close(out.var, F.linear(x.var, weight.square()))
+
+
+def test_a_moment_bias_adds_its_variance_to_a_fixed_output():
+    y = torch.randn(4, 3, 2, 2)
+    b_mean, b_var = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.1, 0.2, 0.3])
+    out = add_bias(y, SiteMoments(b_mean, b_var), (3, 1, 1))
+    torch.testing.assert_close(out.mean, y + b_mean.view(3, 1, 1))
+    torch.testing.assert_close(out.var, b_var.view(3, 1, 1).expand(4, 3, 2, 2))
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 5, 3)], ids=["one-example", "two-batch-dims"])
+def test_linear_layer_takes_any_leading_dimensions(shape):
+    layer = QuantizedLinear(3, 2)
+    weight, bias = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]]), torch.tensor([0.5, -0.5])
+    x = torch.randn(shape)
+    out = pyro.poutine.condition(layer, data={"weight": weight, "bias": bias})(x)
+    torch.testing.assert_close(out, F.linear(x, weight, bias))
+
+
+def _bias_scale(layer, x):
+    trace = pyro.poutine.trace(layer).get_trace(x)
+    return trace.nodes["bias"]["fn"].base_dist.scale
+
+
+def test_bias_prior_scale_reaches_the_bias_prior():
+    assert torch.equal(_bias_scale(QuantizedLinear(3, 2), torch.randn(4, 3)), torch.ones(2))
+    layer = QuantizedLinear(3, 2, bias_prior_scale=2.5)
+    assert torch.equal(_bias_scale(layer, torch.randn(4, 3)), torch.full((2,), 2.5))
+    conv = QuantizedConv2d(1, 2, 3, bias_prior_scale=0.5)
+    assert torch.equal(_bias_scale(conv, torch.randn(1, 1, 4, 4)), torch.full((2,), 0.5))
+
+
+def test_the_base_layer_has_a_bias_with_a_unit_prior_by_default():
+    layer = QuantizedLayer((2, 3), 2)
+    assert layer.bias.shape == (2,)  # a draw from the bias site
+    assert layer.bias_prior_scale == 1.0
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
+def test_bias_prior_scale_must_be_positive(scale):
+    with pytest.raises(ValueError, match="bias_prior_scale must be positive"):
+        QuantizedLinear(3, 2, bias_prior_scale=scale)
+    QuantizedLinear(3, 2, bias=False, bias_prior_scale=scale)  # no bias: not used
+
+
+class _OnLevels(pyro.distributions.Categorical):
+    """A distribution over levels from outside pyro_bqn: ``levels`` but no ``level_set``."""
+
+    def __init__(self, levels, logits):
+        super().__init__(logits=logits)
+        self.levels = levels
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda values: QuantizedCategorical(values, logits=torch.zeros(3)),
+     lambda values: _OnLevels(values, torch.zeros(3))],
+    ids=["quantized-categorical", "foreign"],
+)
+def test_a_prior_factory_on_copied_values_is_checked_at_construction(build):
+    # A prior on a copy of the (fixed) levels' values is accepted if the values are equal,
+    # refused when the layer is built otherwise.
+    layer = QuantizedLinear(4, 2, prior=lambda levels: build(levels.values.clone()))
+    assert layer.weight_shape == (2, 4)
+    with pytest.raises(ValueError, match="differ from the layer's levels"):
+        QuantizedLinear(4, 2, prior=lambda levels: build(torch.tensor([-1.0, 0.5, 1.0])))

@@ -39,3 +39,16 @@ def test_temperature_is_learned_by_svi_and_stays_positive():
 def test_temperature_rejects_non_positive_init(init):
     with pytest.raises(ValueError, match="positive and finite"):
         Temperature(init)
+
+
+@pytest.mark.parametrize(
+    "init", [2, torch.tensor(2.0, dtype=torch.float64), torch.tensor([2, 4])],
+    ids=["int", "float64-tensor", "int-tensor"],
+)
+def test_temperature_is_kept_in_the_default_dtype(init):
+    # Like a torch module's parameters; the logits then keep their dtype.
+    pyro.clear_param_store()
+    temperature = Temperature(init)
+    assert temperature.temperature.dtype == torch.get_default_dtype()
+    logits = torch.randn(3, 2)
+    assert temperature(logits).dtype == logits.dtype
