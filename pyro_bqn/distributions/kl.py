@@ -36,6 +36,7 @@ import math
 import os
 import sys
 import warnings
+from types import FrameType
 
 import pyro
 import torch
@@ -61,11 +62,12 @@ _LIBRARY_FOLDERS = tuple(
 )
 
 
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a :func:`warnings.warn` in the caller of this function
-    name the first frame outside pyro_bqn, Pyro and torch: the user's line, however deep in
-    an inference loop the warning is raised."""
-    frame, level = sys._getframe(1), 1
+def _user_stacklevel(frame: FrameType | None) -> int:
+    """The ``stacklevel`` that makes a :func:`warnings.warn` called in ``frame`` name the
+    first frame outside pyro_bqn, Pyro and torch: the user's line, however deep in an
+    inference loop the warning is raised. The caller passes its own frame (not found here
+    by depth), so that a wrapper around this function cannot shift the count."""
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_FOLDERS):
         frame, level = frame.f_back, level + 1
     return level
@@ -171,7 +173,7 @@ def _warn_if_slab_is_inert(p: MultipleSpikeAndSlab) -> None:
         "the spikes. Use AutoQuantizedGuide(model, posterior='spike-and-slab') for a "
         "posterior whose slab and spike width they act on.",
         InertPriorWarning,
-        stacklevel=_user_stacklevel(),
+        stacklevel=_user_stacklevel(sys._getframe()),
     )
 
 
