@@ -33,17 +33,15 @@ N(0, sigma_0^2)`` (``sigma = 0``: point masses):
 from __future__ import annotations
 
 import math
-import os
 import sys
 import warnings
-from types import FrameType
 
-import pyro
 import torch
 from torch.distributions import register_kl
 
 from pyro_bqn.distributions.multiple_spike_and_slab import MultipleSpikeAndSlab
 from pyro_bqn.distributions.quantized_categorical import QuantizedCategorical, match_levels
+from pyro_bqn.warning_location import user_stacklevel
 
 __all__ = ["InertPriorWarning"]
 
@@ -54,24 +52,6 @@ class InertPriorWarning(UserWarning):
 
 # Warnings already given in this process (each is given once).
 _WARNED: set[str] = set()
-
-# The folders of pyro_bqn, Pyro and torch: a warning names the first frame outside them.
-_LIBRARY_FOLDERS = tuple(
-    os.path.dirname(path) + os.sep
-    for path in (os.path.dirname(__file__), pyro.__file__, torch.__file__)
-)
-
-
-def _user_stacklevel(frame: FrameType | None) -> int:
-    """The ``stacklevel`` that makes a :func:`warnings.warn` called in ``frame`` name the
-    first frame outside pyro_bqn, Pyro and torch: the user's line, however deep in an
-    inference loop the warning is raised. The caller passes its own frame (not found here
-    by depth), so that a wrapper around this function cannot shift the count."""
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_FOLDERS):
-        frame, level = frame.f_back, level + 1
-    return level
-
 
 def _check_same_levels(
     q: QuantizedCategorical, p: QuantizedCategorical | MultipleSpikeAndSlab
@@ -173,7 +153,7 @@ def _warn_if_slab_is_inert(p: MultipleSpikeAndSlab) -> None:
         "the spikes. Use AutoQuantizedGuide(model, posterior='spike-and-slab') for a "
         "posterior whose slab and spike width they act on.",
         InertPriorWarning,
-        stacklevel=_user_stacklevel(sys._getframe()),
+        stacklevel=user_stacklevel(sys._getframe()),
     )
 
 
