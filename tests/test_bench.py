@@ -140,7 +140,11 @@ def test_defaults_lie_on_the_grid_and_share_their_knobs_across_architectures(nam
     for kind in ("mlp", "cnn"):
         for knob, values in method.grid.items():
             assert method.defaults[kind][knob] in values, (kind, knob)
-    assert all(value > 0 for values in method.grid.values() for value in values)
+    for knob, values in method.grid.items():
+        if knob == "learned_scale":  # a switch: 0 keeps the logit scale fixed, 1 learns it
+            assert set(values) == {0.0, 1.0}
+        else:
+            assert all(value > 0 for value in values), knob
 
 
 def _config(kind, levels=None, **kwargs):

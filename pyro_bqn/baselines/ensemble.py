@@ -74,6 +74,7 @@ def fit_ensemble(
     num_members: int = 5,
     seed: int = 0,
     bootstrap: bool = True,
+    learn_output_scale: bool = True,
     **train_kwargs: Any,
 ) -> QuantizedEnsemble:
     """Train E-QNN: ``num_members`` STE networks, each on its own bootstrap resample.
@@ -90,6 +91,8 @@ def fit_ensemble(
     :param num_members: ensemble size ``M``.
     :param bootstrap: resample the training set per member (``False``: every member sees
         all the data and differs only by seed).
+    :param learn_output_scale: each member learns its logit scale (default) or keeps the
+        initial ``1 / sqrt(fan_in)`` (see :func:`~pyro_bqn.baselines.ste_network`).
     :param train_kwargs: passed to :func:`~pyro_bqn.baselines.train_ste` (``epochs``,
         ``batch_size``, ``lr``, ``lr_schedule``, ``progress``, ...).
     """
@@ -103,7 +106,7 @@ def fit_ensemble(
         generator = torch.Generator().manual_seed(member_seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(member_seed)
-            member = ste_network(architecture, levels)
+            member = ste_network(architecture, levels, learn_output_scale=learn_output_scale)
         if bootstrap:
             index = torch.randint(x.shape[0], (x.shape[0],), generator=generator)
             xm, ym = x[index], y[index]

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -92,3 +94,25 @@ def test_members_train_on_bootstrap_resamples(monkeypatch, bootstrap):
         assert xm.shape == x.shape and torch.equal(ym, y[xm[:, 0].long()])
         assert (xm.unique().numel() < 50) == bootstrap
     assert torch.equal(seen[0][0], seen[1][0]) != bootstrap
+
+
+@pytest.mark.parametrize("learn", [True, False])
+def test_members_learn_their_logit_scale_or_keep_it(learn):
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), torch.randint(3, (40,))
+    ensemble = fit_ensemble(
+        x,
+        y,
+        [6, 8, 3],
+        num_members=2,
+        epochs=2,
+        batch_size=10,
+        progress=False,
+        learn_output_scale=learn,
+    )
+    for member in ensemble.members:
+        log_scale = member.scale.log_scale
+        assert isinstance(log_scale, torch.nn.Parameter) is learn
+        # the initial scale is 1 / sqrt(fan_in) of the output layer (8 inputs)
+        moved = not torch.isclose(log_scale, torch.tensor(-0.5 * math.log(8)))
+        assert moved is learn
