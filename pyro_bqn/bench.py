@@ -427,8 +427,8 @@ METHODS: dict[str, Method] = {
         train=_ste,
         bits_per_weight=_quantized_bits,
         defaults={
-            "mlp": {"lr": 3e-2, "learned_scale": 1.0},
-            "cnn": {"lr": 3e-2, "learned_scale": 1.0},
+            "mlp": {"lr": 1e-2, "learned_scale": 0.0},
+            "cnn": {"lr": 1e-2, "learned_scale": 0.0},
         },
         grid=_STE_GRID,
     ),
@@ -445,8 +445,8 @@ METHODS: dict[str, Method] = {
         bits_per_weight=_quantized_bits,
         copies=lambda c: c.ensemble_members,
         defaults={
-            "mlp": {"lr": 3e-2, "learned_scale": 1.0},
-            "cnn": {"lr": 3e-2, "learned_scale": 1.0},
+            "mlp": {"lr": 3e-2, "learned_scale": 0.0},
+            "cnn": {"lr": 3e-2, "learned_scale": 0.0},
         },
         grid=_STE_GRID,
     ),
