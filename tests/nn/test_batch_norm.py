@@ -53,13 +53,19 @@ def test_tensor_mode_is_torch_batch_norm(case, momentum, affine, track):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("momentum", [0.3, None])
-def test_moment_mode_with_zero_variance_matches_tensor_mode(case, momentum):
+@pytest.mark.parametrize(
+    "settings",
+    [{"momentum": 0.3}, {"momentum": None}, {"track_running_stats": False}],
+    ids=["momentum", "cumulative", "no-running-stats"],
+)
+def test_moment_mode_with_zero_variance_matches_tensor_mode(case, settings):
+    # Without running statistics, batch statistics serve in evaluation too and no buffers
+    # are kept.
     ours_cls, _, shape = CASES[case]
     gen = torch.Generator().manual_seed(1)
-    by_tensor = ours_cls(shape[1], momentum=momentum).double()
+    by_tensor = ours_cls(shape[1], **settings).double()
     _randomize_affine(by_tensor, gen)
-    by_moments = ours_cls(shape[1], momentum=momentum).double()
+    by_moments = ours_cls(shape[1], **settings).double()
     by_moments.load_state_dict(by_tensor.state_dict())
     for training in (True, True, False):
         by_tensor.train(training)
@@ -67,10 +73,12 @@ def test_moment_mode_with_zero_variance_matches_tensor_mode(case, momentum):
         x = 2 * torch.randn(shape, generator=gen, dtype=torch.float64) - 1
         out = by_moments(Moments(x, torch.zeros_like(x)))
         assert isinstance(out, Moments)
-        assert torch.allclose(out.mean, by_tensor(x), atol=1e-12)
+        torch.testing.assert_close(out.mean, by_tensor(x), atol=1e-12, rtol=0.0)
         assert torch.equal(out.var, torch.zeros_like(x))
     for a, b in zip(by_moments.buffers(), by_tensor.buffers(), strict=True):
         assert torch.allclose(a, b, atol=1e-12)
+    if settings.get("track_running_stats") is False:
+        assert by_moments.running_mean is None and by_moments.num_batches_tracked is None
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -501,24 +509,6 @@ def test_second_derivatives_are_refused():
 
 
 # --- Arguments, operator outputs and edge cases ----------------------------------------------
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_moment_mode_without_running_statistics_matches_tensor_mode(case):
-    # track_running_stats=False: batch statistics in training and in evaluation, no buffers.
-    ours_cls, _, shape = CASES[case]
-    gen = torch.Generator().manual_seed(4)
-    by_tensor = ours_cls(shape[1], track_running_stats=False).double()
-    _randomize_affine(by_tensor, gen)
-    by_moments = ours_cls(shape[1], track_running_stats=False).double()
-    by_moments.load_state_dict(by_tensor.state_dict())
-    for training in (True, False):
-        by_tensor.train(training)
-        by_moments.train(training)
-        x = 2 * torch.randn(shape, generator=gen, dtype=torch.float64) - 1
-        out = by_moments(Moments(x, torch.zeros_like(x)))
-        torch.testing.assert_close(out.mean, by_tensor(x), atol=1e-12, rtol=0.0)
-    assert by_moments.running_mean is None and by_moments.num_batches_tracked is None
 
 
 @pytest.mark.parametrize("track", [True, False])
