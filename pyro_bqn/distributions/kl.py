@@ -53,6 +53,7 @@ class InertPriorWarning(UserWarning):
 # Warnings already given in this process (each is given once).
 _WARNED: set[str] = set()
 
+
 def _check_same_levels(
     q: QuantizedCategorical, p: QuantizedCategorical | MultipleSpikeAndSlab
 ) -> None:
