@@ -114,6 +114,9 @@ def test_plate_keeps_type(case):
 
 @pytest.mark.cases("has_kl")
 @pytest.mark.parametrize("event_dims", [0, 1])
+# A categorical against a spike-and-slab prior warns that the slab is inert (tested in
+# test_kl.py); here only the KL's shapes are checked.
+@pytest.mark.filterwarnings("ignore::pyro_bqn.distributions.InertPriorWarning")
 def test_expand_and_to_event_keep_kl(case, event_dims):
     q, p = case.make(), case.prior()
     kl = kl_divergence(q, p)

@@ -64,6 +64,7 @@ def _seed() -> None:
 
 
 @pytest.mark.parametrize("pair", list(PAIRS), ids=str)
+@pytest.mark.filterwarnings("ignore::pyro_bqn.distributions.InertPriorWarning")  # tested below
 def test_kl_matches_monte_carlo(pair):
     q, p = PAIRS[pair]()
     kl = kl_divergence(q, p)
