@@ -428,7 +428,7 @@ METHODS: dict[str, Method] = {
         bits_per_weight=_quantized_bits,
         defaults={
             "mlp": {"lr": 1e-2, "learned_scale": 0.0},
-            "cnn": {"lr": 1e-2, "learned_scale": 0.0},
+            "cnn": {"lr": 3e-2, "learned_scale": 0.0},
         },
         grid=_STE_GRID,
     ),
@@ -446,7 +446,7 @@ METHODS: dict[str, Method] = {
         copies=lambda c: c.ensemble_members,
         defaults={
             "mlp": {"lr": 3e-2, "learned_scale": 0.0},
-            "cnn": {"lr": 3e-2, "learned_scale": 0.0},
+            "cnn": {"lr": 1e-1, "learned_scale": 1.0},
         },
         grid=_STE_GRID,
     ),
