@@ -442,7 +442,12 @@ def library_for(
 ) -> ctypes.CDLL | None:
     """The kernel library ``name`` (see :func:`load`) if it applies to ``tensors`` (``None``
     entries are skipped): contiguous CPU tensors of one dtype in :data:`SUFFIXES`. Else, or
-    when the library cannot be built, ``None``: the caller computes with torch."""
+    when the library cannot be built, ``None``: the caller computes with torch.
+
+    :func:`enabled` is asked at every call (``load`` caches its answer), so that setting
+    ``PYRO_BQN_NATIVE=0`` in a running process turns the kernels off from then on."""
+    if not enabled():
+        return None
     dtype = None
     for tensor in tensors:
         if tensor is None:

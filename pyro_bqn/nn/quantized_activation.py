@@ -120,14 +120,8 @@ def _kernel_forward(library, mean, var, values, thresholds):
     return out_mean, out_var, mean.new_ones((), dtype=torch.bool)
 
 
-def _library(*args) -> ctypes.CDLL | None:
-    # Looks _native_library up at each call, so that replacing it (as the tests do to run
-    # the torch formulas) reaches both operators.
-    return _native_library(*args)
-
-
 _forward = native.operator(
-    "two_valued_moments", _formulas_forward, _kernel_forward, _library, _check
+    "two_valued_moments", _formulas_forward, _kernel_forward, _native_library, _check
 )
 
 
@@ -169,7 +163,7 @@ def _kernel_backward(library, mean, var, values, thresholds, by_kernel, *grads):
 
 
 _backward = native.operator(
-    "two_valued_moments_backward", _formulas_backward, _kernel_backward, _library, _check
+    "two_valued_moments_backward", _formulas_backward, _kernel_backward, _native_library, _check
 )
 
 
